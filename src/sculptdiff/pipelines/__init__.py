@@ -1,0 +1,4 @@
+from .sculpt.pipeline_sculpt import SculptPipeline
+
+
+__all__ = ["SculptPipeline"]

@@ -1,0 +1,4 @@
+from .pipeline_sculpt import SculptPipeline
+
+
+__all__ = ["SculptPipeline"]

@@ -1,0 +1,5 @@
+from .scheduling_sculpt import SculptScheduler, SculptSchedulerOutput
+from .scheduling_sculpt_flow import SculptFlowScheduler, SculptFlowSchedulerOutput
+
+
+__all__ = ["SculptFlowScheduler", "SculptFlowSchedulerOutput", "SculptScheduler", "SculptSchedulerOutput"]

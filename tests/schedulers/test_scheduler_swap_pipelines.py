@@ -1,0 +1,143 @@
+"""SculptScheduler swapped into stock diffusers pipelines (DDPMPipeline, StableDiffusionPipeline) with tiny real
+components: it runs, and with settings equal to DDIMScheduler's or DDPMScheduler's it gives the same images."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+
+from sculptdiff.schedulers.scheduling_sculpt import SculptScheduler
+
+
+PROMPT = "a photo of digit one"
+# Stable Diffusion's own scheduler settings (steps_offset=1 and clip_sample=False, so that the pipeline does not
+# rewrite the config)
+SD_SCHEDULER_CONFIG = {
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+
+@pytest.fixture
+def tiny_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+@pytest.fixture
+def sd_components(tiny_tokenizer, tiny_text_encoder) -> dict:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        sample_size=16,
+    ).eval()
+    return {"unet": unet, "vae": vae, "text_encoder": tiny_text_encoder, "tokenizer": tiny_tokenizer}
+
+
+def run_ddpm_pipeline(unet, scheduler, num_inference_steps=2) -> np.ndarray:
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    return pipe(batch_size=2, generator=generator, num_inference_steps=num_inference_steps, output_type="np").images
+
+
+def run_sd_pipeline(components, scheduler, output_type="np", **call_kwargs) -> np.ndarray:
+    pipe = StableDiffusionPipeline(
+        **components, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    call_kwargs = {"num_inference_steps": 2, **call_kwargs}
+    return pipe(PROMPT, generator=generator, guidance_scale=7.5, output_type=output_type, **call_kwargs).images
+
+
+def test_ddpm_pipeline_with_ddim_settings_matches_ddim(tiny_unet):
+    reference = run_ddpm_pipeline(tiny_unet, DDIMScheduler())
+    ours = run_ddpm_pipeline(tiny_unet, SculptScheduler.from_config(DDIMScheduler().config))
+    assert ours.shape == (2, 8, 8, 3)
+    assert np.allclose(ours, reference, atol=1e-5)
+
+
+def test_ddpm_pipeline_with_eta_one_matches_ddpm(tiny_unet):
+    # (the full 1000-step chain is compared without a pipeline in test_scheduler_sculpt.py)
+    reference_scheduler = DDPMScheduler()
+    reference = run_ddpm_pipeline(tiny_unet, reference_scheduler)
+    ours = run_ddpm_pipeline(tiny_unet, SculptScheduler.from_config(reference_scheduler.config, eta=1.0))
+    assert np.allclose(ours, reference, atol=1e-5)
+    # the test can fail: deterministic DDIM steps give another image
+    ddim_like = run_ddpm_pipeline(tiny_unet, SculptScheduler.from_config(reference_scheduler.config))
+    assert not np.allclose(ddim_like, reference, atol=1e-3)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_stable_diffusion_pipeline_matches_ddim(sd_components, eta):
+    # StableDiffusionPipeline passes its own `eta` (default 0.0) because `step` accepts one
+    reference_scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
+    ours_scheduler = SculptScheduler.from_config(reference_scheduler.config)
+    reference = run_sd_pipeline(sd_components, reference_scheduler, eta=eta)
+    ours = run_sd_pipeline(sd_components, ours_scheduler, eta=eta)
+    assert ours.shape == (1, 16, 16, 3)
+    assert np.allclose(ours, reference, atol=1e-5)
+    latents = run_sd_pipeline(sd_components, ours_scheduler, output_type="latent", eta=eta)
+    reference_latents = run_sd_pipeline(sd_components, reference_scheduler, output_type="latent", eta=eta)
+    assert latents.shape == (1, 4, 8, 8)
+    torch.testing.assert_close(latents, reference_latents, atol=1e-5, rtol=1e-5)
+
+
+def test_stable_diffusion_pipeline_custom_timesteps_match_ddpm(sd_components):
+    # retrieve_timesteps passes `timesteps=` to set_timesteps; DDIMScheduler does not accept it, DDPMScheduler does
+    ddpm_config = {key: value for key, value in SD_SCHEDULER_CONFIG.items() if key != "set_alpha_to_one"}
+    reference_scheduler = DDPMScheduler(**ddpm_config)
+    ours_scheduler = SculptScheduler.from_config(reference_scheduler.config, eta=1.0)
+    timesteps = [901, 501, 1]
+    reference = run_sd_pipeline(sd_components, reference_scheduler, output_type="latent", timesteps=timesteps)
+    ours = run_sd_pipeline(sd_components, ours_scheduler, output_type="latent", timesteps=timesteps, eta=1.0)
+    assert ours_scheduler.timesteps.tolist() == timesteps
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_stable_diffusion_pipeline_refuses_sigmas(sd_components):
+    # SculptScheduler has no sigma parameterization: set_timesteps takes no `sigmas`, so the pipeline refuses it
+    with pytest.raises(ValueError, match="sigmas"):
+        run_sd_pipeline(
+            sd_components, SculptScheduler(**SD_SCHEDULER_CONFIG), num_inference_steps=None, sigmas=[1.0, 0.5]
+        )
