@@ -229,17 +229,22 @@ class SculptUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixi
             Height and width of the samples the model was trained on (read by pipelines for the default size).
         in_channels (`int`, defaults to 3): Number of channels of the input sample.
         out_channels (`int`, defaults to 3): Number of channels of the output.
-        block_out_channels (`tuple[int]`, defaults to `(64, 128, 256)`):
+        block_out_channels (`tuple[int]`, defaults to `(32, 64, 128, 160)`):
             Channels of each resolution level, from the highest resolution to the lowest. The input height and width
-            must be multiples of `2 ** (len(block_out_channels) - 1)`.
+            must be multiples of `2 ** (len(block_out_channels) - 1)`. The default puts the width where the
+            resolution is low: a 3x3 convolution costs C_in * C_out * 9 parameters at every resolution but H * W
+            times that in FLOPs, so at equal parameters this layout needs ~2.6x fewer FLOPs than DDPM's (1, 2, 2, 2)
+            multipliers (see benchmarks/bench_unet.py).
         layers_per_block (`int`, defaults to 2):
             Residual blocks per level on the down path (the up path has one more per level).
-        attention_levels (`tuple[bool]`, defaults to `(False, True, True)`):
+        attention_levels (`tuple[bool]`, defaults to `(False, False, True, True)`):
             One flag per level: whether its residual blocks are followed by attention blocks. The mid block has
             attention when the last level has.
         attention_head_dim (`int`, defaults to 32): Channels per attention head.
         dropout (`float`, defaults to 0.0): Dropout probability in the residual and attention blocks.
-        norm_num_groups (`int`, defaults to 32): Groups of the GroupNorm layers; must divide every block's channels.
+        norm_num_groups (`int`, defaults to 16):
+            Groups of the GroupNorm layers; must divide every block's channels (16 keeps >= 2 channels per group at
+            the 32-channel first level).
         num_class_embeds (`int`, *optional*, defaults to `None`):
             Number of classes for class conditioning. The embedding table has one more row: index `num_class_embeds`
             is the NULL class used for classifier-free guidance (and for `class_labels=None`).
@@ -269,12 +274,12 @@ class SculptUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixi
         sample_size: int | tuple[int, int] | None = None,
         in_channels: int = 3,
         out_channels: int = 3,
-        block_out_channels: tuple[int, ...] = (64, 128, 256),
+        block_out_channels: tuple[int, ...] = (32, 64, 128, 160),
         layers_per_block: int = 2,
-        attention_levels: tuple[bool, ...] = (False, True, True),
+        attention_levels: tuple[bool, ...] = (False, False, True, True),
         attention_head_dim: int = 32,
         dropout: float = 0.0,
-        norm_num_groups: int = 32,
+        norm_num_groups: int = 16,
         num_class_embeds: int | None = None,
         conditioning_dropout_prob: float = 0.0,
         cross_attention_dim: int | None = None,
@@ -448,6 +453,7 @@ class SculptUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixi
         Returns:
             [`SculptUNet2DOutput`] or `tuple`: the prediction, of shape `(batch_size, out_channels, height, width)`.
         """
+        # 0. check inputs
         if added_cond_kwargs:
             raise ValueError(
                 f"`added_cond_kwargs` ({sorted(added_cond_kwargs)}) is not supported: SculptUNet2DModel has no added "
@@ -496,8 +502,6 @@ class SculptUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixi
                 "pass None."
             )
 
-        checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing
-
         # 2. pre-process
         hidden_states = self.conv_in(sample)
 
@@ -505,58 +509,36 @@ class SculptUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixi
         skip_connections = [hidden_states]
         for down_block in self.down_blocks:
             for layer_index, resnet in enumerate(down_block.resnets):
-                if checkpointing:
-                    hidden_states = self._gradient_checkpointing_func(resnet, hidden_states, embedding)
-                else:
-                    hidden_states = resnet(hidden_states, embedding)
+                hidden_states = self._call_layer(resnet, hidden_states, embedding)
                 if down_block.attentions:
                     attention = down_block.attentions[layer_index]
-                    if checkpointing:
-                        hidden_states = self._gradient_checkpointing_func(
-                            attention, hidden_states, encoder_hidden_states, cross_attention_kwargs
-                        )
-                    else:
-                        hidden_states = attention(hidden_states, encoder_hidden_states, cross_attention_kwargs)
+                    hidden_states = self._call_layer(
+                        attention, hidden_states, encoder_hidden_states, cross_attention_kwargs
+                    )
                 skip_connections.append(hidden_states)
             if down_block.resample is not None:
                 hidden_states = down_block.resample(hidden_states)
                 skip_connections.append(hidden_states)
 
         # 4. mid
-        first_resnet, second_resnet = self.mid_block.resnets
-        if checkpointing:
-            hidden_states = self._gradient_checkpointing_func(first_resnet, hidden_states, embedding)
-        else:
-            hidden_states = first_resnet(hidden_states, embedding)
-        for attention in self.mid_block.attentions:
-            if checkpointing:
-                hidden_states = self._gradient_checkpointing_func(
-                    attention, hidden_states, encoder_hidden_states, cross_attention_kwargs
-                )
-            else:
-                hidden_states = attention(hidden_states, encoder_hidden_states, cross_attention_kwargs)
-        if checkpointing:
-            hidden_states = self._gradient_checkpointing_func(second_resnet, hidden_states, embedding)
-        else:
-            hidden_states = second_resnet(hidden_states, embedding)
+        hidden_states = self._call_layer(self.mid_block.resnets[0], hidden_states, embedding)
+        if self.mid_block.attentions:
+            hidden_states = self._call_layer(
+                self.mid_block.attentions[0], hidden_states, encoder_hidden_states, cross_attention_kwargs
+            )
+        hidden_states = self._call_layer(self.mid_block.resnets[1], hidden_states, embedding)
 
         # 5. up
         for up_block in self.up_blocks:
             for layer_index, resnet in enumerate(up_block.resnets):
-                # skip connection from the same level of the down path: (N, C, H, W) + (N, C_skip, H, W)
+                # skip connection from the same level of the down path: (N, C, H, W), (N, C_skip, H, W) -> (N, C + C_skip, H, W)
                 hidden_states = torch.cat([hidden_states, skip_connections.pop()], dim=1)
-                if checkpointing:
-                    hidden_states = self._gradient_checkpointing_func(resnet, hidden_states, embedding)
-                else:
-                    hidden_states = resnet(hidden_states, embedding)
+                hidden_states = self._call_layer(resnet, hidden_states, embedding)
                 if up_block.attentions:
                     attention = up_block.attentions[layer_index]
-                    if checkpointing:
-                        hidden_states = self._gradient_checkpointing_func(
-                            attention, hidden_states, encoder_hidden_states, cross_attention_kwargs
-                        )
-                    else:
-                        hidden_states = attention(hidden_states, encoder_hidden_states, cross_attention_kwargs)
+                    hidden_states = self._call_layer(
+                        attention, hidden_states, encoder_hidden_states, cross_attention_kwargs
+                    )
             if up_block.resample is not None:
                 hidden_states = up_block.resample(hidden_states)
 
@@ -568,6 +550,12 @@ class SculptUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixi
         if not return_dict:
             return (hidden_states,)
         return SculptUNet2DOutput(sample=hidden_states)
+
+    def _call_layer(self, layer: nn.Module, *inputs) -> torch.Tensor:
+        # gradient checkpointing: keep only the layer's inputs and recompute its activations in the backward pass
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(layer, *inputs)
+        return layer(*inputs)
 
     def _check_class_labels(self, class_labels: torch.Tensor, batch_size: int) -> torch.Tensor:
         num_class_embeds = self.config.num_class_embeds
