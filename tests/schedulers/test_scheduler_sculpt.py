@@ -139,7 +139,8 @@ DDIM_GRIDS = [("leading", 10), ("leading", 7), ("trailing", 10)]
 @pytest.mark.parametrize("beta_schedule", BETA_SCHEDULES)
 def test_eta_zero_matches_ddim(beta_schedule, prediction_type, timestep_spacing, num_inference_steps, clip_sample):
     settings = {"prediction_type": prediction_type, "timestep_spacing": timestep_spacing, "clip_sample": clip_sample}
-    ours = SculptScheduler(**schedule_config(beta_schedule), **settings)
+    # DDIMScheduler keeps the model's noise after clipping x_0: that is `use_clipped_model_output=False` here
+    ours = SculptScheduler(**schedule_config(beta_schedule), use_clipped_model_output=False, **settings)
     reference = DDIMScheduler(**ddim_schedule_config(beta_schedule), **settings)
     assert_same(sample_loop(ours, num_inference_steps), sample_loop(reference, num_inference_steps))
 
@@ -159,12 +160,14 @@ def test_any_eta_matches_ddim_with_the_same_clipping_choice(eta, use_clipped_mod
     assert_same(sample_loop(ours, **kwargs), sample_loop(reference, **kwargs))
 
 
-def test_eta_zero_keeps_the_model_noise_and_clipped_output_is_opt_in():
+def test_clipped_model_output_is_the_default_and_ddims_choice_is_a_setting():
     # with clipping active, re-deriving the noise from the clipped x_0 changes a deterministic step
     default = sample_loop(SculptScheduler())
-    clipped = sample_loop(SculptScheduler(), use_clipped_model_output=True)
-    assert_same(clipped, sample_loop(DDIMScheduler(), use_clipped_model_output=True))
-    assert (default - clipped).abs().max() > 1e-3
+    assert_same(default, sample_loop(DDIMScheduler(), use_clipped_model_output=True))
+    unclipped = sample_loop(SculptScheduler(use_clipped_model_output=False))
+    assert_same(unclipped, sample_loop(DDIMScheduler()))
+    assert_same(sample_loop(SculptScheduler(), use_clipped_model_output=False), unclipped)
+    assert (default - unclipped).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
@@ -218,7 +221,8 @@ def test_fixed_large_log():
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 def test_thresholding_matches(prediction_type, reference_class):
     settings = {"thresholding": True, "sample_max_value": 1.2, "prediction_type": prediction_type}
-    ours = SculptScheduler(eta=0.0 if reference_class is DDIMScheduler else 1.0, **settings)
+    is_ddim = reference_class is DDIMScheduler
+    ours = SculptScheduler(eta=0.0 if is_ddim else 1.0, use_clipped_model_output=not is_ddim, **settings)
     thresholded = sample_loop(ours)
     assert_same(thresholded, sample_loop(reference_class(**settings)))
     # the threshold acts: without it the result differs
@@ -255,7 +259,7 @@ def test_custom_timesteps_match_ddpm():
 
 
 def test_step_eta_overrides_the_config():
-    ours = SculptScheduler(eta=1.0)
+    ours = SculptScheduler(eta=1.0, use_clipped_model_output=False)
     assert_same(sample_loop(ours, eta=0.0), sample_loop(DDIMScheduler()))
     assert_same(sample_loop(SculptScheduler(), eta=1.0), sample_loop(DDPMScheduler()))
 

@@ -124,6 +124,12 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
         eta (`float`, defaults to 0.0):
             The weight of the noise of each step, in [0, 1]: 0 is deterministic DDIM, 1 is DDPM's ancestral sampling.
             `step(eta=...)` overrides it for one call.
+        use_clipped_model_output (`bool`, defaults to `True`):
+            When x_0 is clipped or thresholded, re-derive the noise from the clipped x_0 so that the step stays on the
+            path of the x_0 it moves towards. DDPM's posterior mean does this implicitly; `DDIMScheduler` does not by
+            default (its `step(use_clipped_model_output=False)`), and then deterministic sampling with strong
+            classifier-free guidance in pixel space saturates. Set `False` to reproduce `DDIMScheduler` step for
+            step; `step(use_clipped_model_output=...)` overrides it for one call.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -151,6 +157,7 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
         set_alpha_to_one: bool = True,
         rescale_betas_zero_snr: bool = False,
         eta: float = 0.0,
+        use_clipped_model_output: bool = True,
     ):
         for name, value, allowed in (
             ("beta_schedule", beta_schedule, BETA_SCHEDULES),
@@ -368,7 +375,8 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
             eta (`float`, *optional*):
                 The noise weight in [0, 1] for this step; `None` uses `config.eta`. 0 is DDIM, 1 is DDPM.
             use_clipped_model_output (`bool`, *optional*):
-                Re-derive the noise prediction from the clipped (or thresholded) x_0. `None` means `eta > 0`.
+                Re-derive the noise prediction from the clipped (or thresholded) x_0; `None` uses
+                `config.use_clipped_model_output`. Without clipping or thresholding there is nothing to re-derive.
             generator (`torch.Generator`, *optional*):
                 The random number generator of the step noise.
             variance_noise (`torch.Tensor`, *optional*):
@@ -403,9 +411,7 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
         if variance_noise is not None and generator is not None:
             raise ValueError("Pass `generator` or `variance_noise` to `step`, not both.")
         if use_clipped_model_output is None:
-            # Ancestral steps sample around DDPM's posterior mean, which is built from x_t and the clipped x_0, i.e.
-            # from the noise re-derived from the clipped x_0; deterministic steps keep the model's noise as DDIM does.
-            use_clipped_model_output = eta > 0
+            use_clipped_model_output = self.config.use_clipped_model_output
 
         # 1. get previous step value (the next grid point, "t-1")
         prev_timestep = self.previous_timestep(timestep)
@@ -450,7 +456,7 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
         # 5. compute variance: "sigma_t(η)^2" of formula (16), η^2 * beta_tilde_t
         posterior_variance = beta_prod_t_prev / beta_prod_t * current_beta_t
 
-        if use_clipped_model_output:
+        if use_clipped_model_output and (self.config.clip_sample or self.config.thresholding):
             # the noise consistent with the clipped x_0 (Glide; DDPM's posterior mean uses it implicitly)
             pred_epsilon = (sample - alpha_prod_t**0.5 * pred_original_sample) / beta_prod_t**0.5
 
