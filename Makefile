@@ -12,7 +12,7 @@ quality:
 	ruff format --check $(check_dirs)
 
 test:
-	python -m pytest
+	python -m pytest -n 2
 
 bench:
 	python benchmarks/bench_unet.py

@@ -1,7 +1,13 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 
-# Tests run offline and never touch the user's Hugging Face cache or token; the Hub tests set their own endpoint.
+# Tests run offline and never touch the user's Hugging Face cache, token or remote-code modules (diffusers copies
+# trust_remote_code files under HF_HOME); the Hub tests set their own endpoint and HF_HOME on top of this.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="sculptdiff-tests-hf-home-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

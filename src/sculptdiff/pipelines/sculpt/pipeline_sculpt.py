@@ -315,7 +315,7 @@ class SculptPipeline(DiffusionPipeline):
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         num_images_per_prompt: int = 1,
-        eta: float = 0.0,
+        eta: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -359,8 +359,10 @@ class SculptPipeline(DiffusionPipeline):
                 Precomputed embeddings of the unconditional branch.
             num_images_per_prompt (`int`, defaults to 1):
                 Images per prompt or class label.
-            eta (`float`, defaults to 0.0):
-                Passed to schedulers whose `step` takes it (DDIM's eta: 0 deterministic, 1 ancestral).
+            eta (`float`, *optional*):
+                Passed to schedulers whose `step` takes it (0 deterministic DDIM, 1 DDPM's ancestral sampler). `None`
+                keeps the scheduler's own choice: the `eta` a saved `SculptScheduler` config records, 0 for
+                `DDIMScheduler`.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 One generator, or one per image, for reproducible results.
             latents (`torch.Tensor`, *optional*):
@@ -466,7 +468,7 @@ class SculptPipeline(DiffusionPipeline):
         # 5. Prepare the scheduler's extra step arguments: `eta` and `generator` only where `step` takes them
         step_parameters = set(inspect.signature(self.scheduler.step).parameters)
         extra_step_kwargs = {}
-        if "eta" in step_parameters:
+        if eta is not None and "eta" in step_parameters:
             extra_step_kwargs["eta"] = eta
         if "generator" in step_parameters:
             extra_step_kwargs["generator"] = generator
