@@ -1,0 +1,332 @@
+"""train_sculpt.py end to end: real `accelerate launch` subprocesses with a tiny U-Net and a few steps.
+
+Errors that must come before the first step are checked in-process (parse_args + main), which is faster.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sculptdiff.models.unet_sculpt import SculptUNet2DModel
+from sculptdiff.pipelines.sculpt.pipeline_sculpt import SculptPipeline
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = REPO_ROOT / "training_scripts" / "train_sculpt.py"
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
+LAUNCH += ["--dynamo_backend", "no"]
+# 16 digits at 8x8, a 2-level U-Net of 8-16 channels, 100 training timesteps, 2 sampling steps.
+TINY = [
+    "--resolution", "8", "--max_train_samples", "16", "--train_batch_size", "4", "--seed", "0",
+    "--block_out_channels", "8", "16", "--norm_num_groups", "4", "--attention_levels", "0", "1",
+    "--attention_head_dim", "8", "--num_train_timesteps", "100", "--lr_warmup_steps", "1",
+    "--validation_steps", "100", "--num_validation_images", "2", "--validation_inference_steps", "2",
+]  # fmt: skip
+OUTPUT_FILES = {
+    "model_index.json",
+    "README.md",
+    "sample_grid.png",
+    "training_args.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+}
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("ACCELERATE_", "HF_ENDPOINT"))}
+    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "0"})
+    env.update(extra)
+    return env
+
+
+def launch_command(output_dir: Path, *args: str, num_processes: int = 1) -> list[str]:
+    launcher = LAUNCH + ["--num_processes", str(num_processes)]
+    if num_processes > 1:
+        # accelerate 1.15 starts CPU processes with torchrun only through --multi_gpu; ACCELERATE_USE_CPU=1 makes
+        # them a gloo MULTI_CPU group (`--cpu --num_processes 2` would run a single process)
+        launcher.append("--multi_gpu")
+    return [*launcher, str(SCRIPT), *TINY, "--output_dir", str(output_dir), *args]
+
+
+def train(output_dir: Path, *args: str, num_processes: int = 1, env: dict | None = None, check: bool = True):
+    env = env or subprocess_env(**({"ACCELERATE_USE_CPU": "1"} if num_processes > 1 else {}))
+    result = subprocess.run(
+        launch_command(output_dir, *args, num_processes=num_processes),
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-5000:]
+    return result
+
+
+def files(folder: Path) -> set[str]:
+    return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_sculpt", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sample(pipe: SculptPipeline) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(class_labels=[1, 7], num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """The default run (class-conditional digits) with tiny overrides and a checkpoint every 2 steps."""
+    output_dir = tmp_path_factory.mktemp("run") / "sculpt-digits"
+    train(output_dir, "--max_train_steps", "3", "--checkpointing_steps", "2")
+    return output_dir
+
+
+def test_default_run_writes_every_output(trained):
+    assert OUTPUT_FILES <= files(trained)
+    assert (trained / "checkpoint-2" / "unet_ema" / "diffusion_pytorch_model.safetensors").is_file()
+    assert any(name.startswith("logs/") and "tfevents" in name for name in files(trained))
+    assert not any(name.startswith(".") or ".tmp" in name or ".staging" in name for name in files(trained))
+
+    config = json.loads((trained / "unet" / "config.json").read_text())
+    assert config["prediction_type"] == "epsilon"
+    assert config["conditioning_dropout_prob"] == 0.1
+    assert config["id2label"] == {str(index): str(index) for index in range(10)}
+    assert config["num_class_embeds"] == 10 and config["in_channels"] == 1 and config["sample_size"] == 8
+
+    # the grid: one row per class, --num_validation_images columns
+    assert Image.open(trained / "sample_grid.png").size == (2 * 8, 10 * 8)
+    args = json.loads((trained / "training_args.json").read_text())
+    assert args["max_train_steps"] == 3 and "hub_token" not in args
+
+    pipe = SculptPipeline.from_pretrained(trained)
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert sample(pipe).shape == (2, 8, 8, 1)
+
+    # the saved U-Net holds the EMA weights, not the training weights of the last step
+    last = load_file(trained / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors")
+    ema = load_file(trained / "checkpoint-2" / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(last[name], ema[name]) for name in last)
+
+
+def test_model_card_usage_snippet_runs_as_printed(trained, tmp_path):
+    card = (trained / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: diffusers" in card and "- sculptdiff" in card
+    snippet = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
+    assert f'from_pretrained("{trained}")' in snippet
+    result = subprocess.run(
+        [sys.executable, "-c", snippet],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(tmp_path / "sample.png").size == (8, 8)
+
+
+def test_resume_after_kill_is_exact(tmp_path):
+    """kill -9 after the first checkpoint, resume from `latest`: weights, EMA and optimizer equal an uninterrupted run.
+
+    24 samples in batches of 4 are 6 steps per epoch: the resume lands mid-epoch and crosses two epoch ends.
+    """
+    args = ["--max_train_steps", "14", "--checkpointing_steps", "4", "--max_train_samples", "24"]
+    args += ["--lr_warmup_steps", "3", "--snr_gamma", "5.0", "--random_flip"]
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    train(uninterrupted, *args, "--checkpoints_total_limit", "2")
+    assert sorted(path.name for path in uninterrupted.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-8"]
+
+    process = subprocess.Popen(
+        launch_command(interrupted, *args),
+        env=subprocess_env(),
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (interrupted / "checkpoint-4").is_dir() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "model_index.json").exists(), "the run finished before it could be killed"
+    # a broken newer checkpoint is reported and skipped by `latest`
+    (interrupted / "checkpoint-999" / "unet").mkdir(parents=True)
+    (interrupted / "checkpoint-999" / "unet" / "config.json").write_text("{")
+
+    resumed = train(interrupted, *args, "--resume_from_checkpoint", "latest")
+    assert re.search(r"Skipping checkpoint .*checkpoint-999: .* is missing", resumed.stderr)
+    assert re.search(r"Resuming from checkpoint .*checkpoint-(4|8|12)\b", resumed.stderr)
+
+    expected, actual = uninterrupted / "checkpoint-12", interrupted / "checkpoint-12"
+    for weights in ("unet", "unet_ema"):
+        a = load_file(expected / weights / "diffusion_pytorch_model.safetensors")
+        b = load_file(actual / weights / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a), weights
+    ema_config = json.loads((actual / "unet_ema" / "config.json").read_text())
+    assert ema_config["optimization_step"] == 12
+    a, b = (torch.load(path / "optimizer.bin", weights_only=True) for path in (expected, actual))
+    assert a["param_groups"] == b["param_groups"]
+    assert all(
+        torch.equal(a["state"][index][name], b["state"][index][name])
+        for index in a["state"]
+        for name in a["state"][index]
+    )
+    final = (uninterrupted, interrupted)
+    a, b = (load_file(path / "unet" / "diffusion_pytorch_model.safetensors") for path in final)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_two_processes_double_the_batch_and_write_once(tmp_path):
+    output_dir = tmp_path / "out"
+    result = train(output_dir, "--max_train_steps", "2", "--checkpointing_steps", "1", num_processes=2)
+    assert "Distributed environment: DistributedType.MULTI_CPU" in result.stderr
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 8" in result.stderr
+    assert OUTPUT_FILES <= files(output_dir)
+    # one process logs: a single TensorBoard event file for the scalars
+    assert len([name for name in files(output_dir) if name.startswith("logs/") and "tfevents" in name]) <= 2
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= files(output_dir / "checkpoint-2")
+
+    # EMA: one update per optimisation step: ema_1 = w_1, ema_2 = d_2 ema_1 + (1 - d_2) w_2, d_2 = 1 - 2^-3/4
+    w1 = load_file(output_dir / "checkpoint-1" / "unet" / "diffusion_pytorch_model.safetensors")
+    w2 = load_file(output_dir / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors")
+    ema = load_file(output_dir / "checkpoint-2" / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    decay = 1 - 2 ** (-3 / 4)
+    for name in w1:
+        torch.testing.assert_close(ema[name], decay * w1[name] + (1 - decay) * w2[name])
+    saved = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(saved[name], ema[name]) for name in ema)
+    assert sample(SculptPipeline.from_pretrained(output_dir)).shape == (2, 8, 8, 1)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    output_dir = tmp_path / "out"
+    # AdamW moves every weight by ~lr: 1e30 overflows the next forward pass
+    result = train(
+        output_dir,
+        "--max_train_steps", "4", "--checkpointing_steps", "1", "--learning_rate", "1e30", "--lr_scheduler", "constant",
+        check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert re.search(r"FloatingPointError: Training stopped: the loss is (nan|inf) at step 2 ", result.stderr)
+    assert "checkpoint-1" in result.stderr
+    assert (output_dir / "checkpoint-1").is_dir() and not (output_dir / "checkpoint-2").exists()
+    assert not (output_dir / "model_index.json").exists()
+    SculptUNet2DModel.from_pretrained(output_dir / "checkpoint-1", subfolder="unet")
+
+
+def test_fine_tuning_a_saved_pipeline(trained, tmp_path):
+    output_dir = tmp_path / "tuned"
+    train(output_dir, "--max_train_steps", "2", "--pretrained_model_name_or_path", str(trained))
+    base = load_file(trained / "unet" / "diffusion_pytorch_model.safetensors")
+    tuned = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert base.keys() == tuned.keys() and any(not torch.equal(base[name], tuned[name]) for name in base)
+    config = json.loads((output_dir / "unet" / "config.json").read_text())
+    assert config["id2label"]["7"] == "7" and config["conditioning_dropout_prob"] == 0.1
+    assert f"fine-tuned from `{trained}`" in (output_dir / "README.md").read_text()
+    assert sample(SculptPipeline.from_pretrained(output_dir)).shape == (2, 8, 8, 1)
+
+
+def test_caption_training_on_mixed_mode_images_ships_the_text_encoder(tmp_path, tiny_text_encoder, tiny_tokenizer):
+    encoder_dir = tmp_path / "encoder"
+    tiny_text_encoder.save_pretrained(encoder_dir)
+    tiny_tokenizer.save_pretrained(encoder_dir)
+    data_dir = tmp_path / "images"
+    data_dir.mkdir()
+    words = ["zero", "one", "two", "three"]
+    with open(data_dir / "metadata.jsonl", "w") as f:
+        for index, mode in enumerate(["L", "RGB", "RGBA", "P"] * 2):
+            Image.new("RGB", (10, 12), (index * 30, 200, 90)).convert(mode).save(data_dir / f"{index}.png")
+            f.write(json.dumps({"file_name": f"{index}.png", "text": f"a photo of digit {words[index % 4]}"}) + "\n")
+
+    output_dir = tmp_path / "out"
+    args = ["--max_train_steps", "2", "--train_data_dir", str(data_dir), "--caption_column", "text"]
+    args += ["--text_encoder_name_or_path", str(encoder_dir), "--validation_prompts", "a photo of digit one"]
+    train(output_dir, *args)
+    assert {"text_encoder/config.json", "tokenizer/tokenizer_config.json"} <= files(output_dir)
+    config = json.loads((output_dir / "unet" / "config.json").read_text())
+    assert config["cross_attention_dim"] == 32 and config["in_channels"] == 3 and config["num_class_embeds"] is None
+    assert Image.open(output_dir / "sample_grid.png").size == (2 * 8, 8)
+    pipe = SculptPipeline.from_pretrained(output_dir)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(prompt="a photo of digit two", num_inference_steps=2, guidance_scale=2.0, output_type="np").images
+    assert image.shape == (1, 8, 8, 3)
+    assert "pipeline_tag: text-to-image" in (output_dir / "README.md").read_text()
+
+
+def test_push_without_a_reachable_hub_fails_after_the_output_is_complete(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    output_dir = tmp_path / "out"
+    env = subprocess_env(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "home"))
+    args = ["--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/digits", "--hub_token", "hf_SECRET"]
+    result = train(output_dir, *args, env=env, check=False)
+    assert result.returncode != 0
+    assert f"hf upload me/digits {output_dir} --exclude 'checkpoint-*' --exclude 'logs/*'" in result.stderr
+    assert OUTPUT_FILES <= files(output_dir)
+    assert "me/digits" in (output_dir / "README.md").read_text()
+    for name in files(output_dir):
+        assert b"hf_SECRET" not in (output_dir / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image_column", "picture"], "--image_column 'picture' is not a column of the dataset"),
+        (["--class_column", "digit"], "--class_column 'digit' is not a column of the dataset"),
+        (["--max_train_samples", "0"], "The training dataset is empty"),
+        (["--block_out_channels", "8", "16", "16", "--attention_levels", "0", "0", "1", "--resolution", "10"],
+         "--resolution 10 cannot pass through this U-Net: it must be a multiple of 4"),
+        (["--attention_levels", "0", "1", "1"], "--attention_levels needs one 0/1 flag per level"),
+    ],
+)  # fmt: skip
+def test_bad_input_fails_before_the_first_step(script, tmp_path, args, message):
+    base = ["--output_dir", str(tmp_path / "out"), "--block_out_channels", "8", "16", "--norm_num_groups", "4"]
+    base += ["--attention_levels", "0", "1", "--attention_head_dim", "8", "--report_to", "none"]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        script.main(script.parse_args(base + args))
+    assert not any("checkpoint" in name for name in files(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--resume_from_checkpoint", "/nowhere/checkpoint-5"], "--resume_from_checkpoint '/nowhere/checkpoint-5' is neither"),
+        (["--class_column", "label", "--caption_column", "text"], "--class_column and --caption_column are both set"),
+        (["--caption_column", "text"], "--caption_column needs a text encoder"),
+        (["--prediction_type", "flow", "--snr_gamma", "5"], "--snr_gamma weights DDPM-family losses"),
+        (["--weighting_scheme", "logit_normal"], "use it with --prediction_type flow"),
+        (["--rescale_betas_zero_snr"], "add --prediction_type v_prediction"),
+        (["--conditioning_dropout_prob", "1.0"], "--conditioning_dropout_prob must be in [0, 1)"),
+        (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be >= 1"),
+    ],
+)  # fmt: skip
+def test_bad_flag_combinations_fail_in_parse_args(script, args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        script.parse_args(args)
