@@ -1,0 +1,234 @@
+"""SculptPipeline and its components published to, and loaded from, the test Hub (hub_server.py).
+
+The two ways to load a pipeline repo run in a fresh Python process each (`hub.env` points it at the server), so
+that nothing imported or cached by this process can help: through sculptdiff, and through diffusers' custom-code
+mechanism with sculptdiff made unimportable. Offline reuse then loads from the cache that process filled.
+"""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from huggingface_hub import HfApi, ModelCard, constants
+from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+from sculptdiff import SculptPipeline, SculptScheduler, SculptUNet2DModel
+
+
+# diffusers 0.42.1's ModelMixin/SchedulerMixin.from_pretrained pass `local_dir_use_symlinks` to hf_hub_download on
+# every load from a repo id, which huggingface_hub 2.x warns about: not ours to fix, and exactly this one message.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The `local_dir_use_symlinks` argument is deprecated and ignored in `hf_hub_download`:UserWarning"
+)
+
+DIGITS = {str(index): name for index, name in enumerate(["zero", "one", "two", "three", "four"])}
+
+# Loads a pipeline from the Hub in a fresh process and saves its images: argv = loader, repo id, output .npy,
+# torch threads (the parent's, so that both processes add up in the same order).
+LOAD_AND_SAMPLE = """
+import sys
+
+loader, repo_id, output, threads = sys.argv[1:]
+if loader == "remote-code":
+    # Only diffusers may be needed: make the installed sculptdiff unimportable.
+    sys.modules["sculptdiff"] = None
+
+import numpy as np
+import torch
+
+torch.set_num_threads(int(threads))
+if loader == "remote-code":
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(repo_id, trust_remote_code=True)
+else:
+    from sculptdiff import SculptPipeline
+
+    pipe = SculptPipeline.from_pretrained(repo_id)
+pipe.set_progress_bar_config(disable=True)
+images = pipe(
+    class_labels=[0, 3],
+    guidance_scale=2.0,
+    num_inference_steps=2,
+    generator=torch.Generator().manual_seed(0),
+    output_type="np",
+).images
+np.save(output, images)
+print(type(pipe).__module__, type(pipe).__name__, type(pipe.unet).__module__, type(pipe.scheduler).__module__)
+"""
+
+
+def make_pipeline(seed: int = 0) -> SculptPipeline:
+    torch.manual_seed(seed)
+    unet = SculptUNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        attention_levels=(False, True),
+        attention_head_dim=8,
+        norm_num_groups=4,
+        num_class_embeds=5,
+        conditioning_dropout_prob=0.1,
+        id2label=DIGITS,
+        prediction_type="epsilon",
+    ).eval()
+    # The output layer starts at zero; give it weights so that the images depend on the whole network.
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            if parameter.abs().sum() == 0 and parameter.dim() > 1:
+                parameter.normal_(0, 0.2)
+    pipe = SculptPipeline(unet=unet, scheduler=SculptScheduler(num_train_timesteps=100))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe) -> np.ndarray:
+    return pipe(
+        class_labels=[0, 3],
+        guidance_scale=2.0,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+
+
+def load_and_sample_in_fresh_process(hub, tmp_path, loader: str, repo_id: str) -> tuple[np.ndarray, str]:
+    output = tmp_path / f"{loader}-{len(list(tmp_path.glob('*.npy')))}.npy"
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_SAMPLE, loader, repo_id, str(output), str(torch.get_num_threads())],
+        env=hub.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return np.load(output), result.stdout
+
+
+def local_reference(pipe: SculptPipeline, folder) -> np.ndarray:
+    pipe.save_pretrained(folder)
+    return sample(SculptPipeline.from_pretrained(folder))
+
+
+def test_push_to_hub_then_load_in_fresh_process_and_offline(hub, tmp_path, monkeypatch):
+    pipe = make_pipeline()
+    pipe.push_to_hub("ns/sculpt")
+    expected = local_reference(pipe, tmp_path / "local")
+
+    files = set(HfApi().list_repo_files("ns/sculpt"))
+    assert {"model_index.json", "README.md", "unet/diffusion_pytorch_model.safetensors"} <= files
+    assert "scheduler/scheduler_config.json" in files
+
+    images, loaded = load_and_sample_in_fresh_process(hub, tmp_path, "sculptdiff", "ns/sculpt")
+    np.testing.assert_array_equal(images, expected)
+    assert loaded.split() == [
+        "sculptdiff.pipelines.sculpt.pipeline_sculpt",
+        "SculptPipeline",
+        "sculptdiff.models.unet_sculpt",
+        "sculptdiff.schedulers.scheduling_sculpt",
+    ]
+
+    # After that one download (into the shared HF_HOME) the cache is enough: server down, HF_HUB_OFFLINE=1.
+    hub.stop()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    np.testing.assert_array_equal(sample(SculptPipeline.from_pretrained("ns/sculpt")), expected)
+
+
+def test_diffusion_pipeline_trust_remote_code_without_sculptdiff(hub, tmp_path):
+    pipe = make_pipeline()
+    pipe.push_to_hub("ns/sculpt-remote")
+    expected = local_reference(pipe, tmp_path / "local")
+
+    images, loaded = load_and_sample_in_fresh_process(hub, tmp_path, "remote-code", "ns/sculpt-remote")
+    np.testing.assert_array_equal(images, expected)
+    pipeline_module, pipeline_class, unet_module, scheduler_module = loaded.split()
+    assert pipeline_class == "SculptPipeline"
+    # The classes came from the code files in the repo, through diffusers' dynamic modules.
+    assert not any(module.startswith("sculptdiff") for module in (pipeline_module, unet_module, scheduler_module))
+
+
+def test_save_pretrained_push_and_revision_pinning(hub, tmp_path):
+    folder = tmp_path / "output"
+    first_pipe = make_pipeline(seed=0)
+    first_pipe.save_pretrained(folder, push_to_hub=True, repo_id="ns/versions")
+    first_commit = HfApi().model_info("ns/versions").sha
+    second_pipe = make_pipeline(seed=1)
+    second_pipe.save_pretrained(folder, push_to_hub=True, repo_id="ns/versions")
+    second_commit = HfApi().model_info("ns/versions").sha
+    assert first_commit != second_commit
+
+    latest = SculptPipeline.from_pretrained("ns/versions")
+    pinned = SculptPipeline.from_pretrained("ns/versions", revision=first_commit)
+    np.testing.assert_array_equal(sample(latest), sample(second_pipe))
+    np.testing.assert_array_equal(sample(pinned), sample(first_pipe))
+    assert not np.array_equal(sample(latest), sample(pinned))
+    assert "sculptdiff" in ModelCard.load("ns/versions").data.tags
+
+
+def test_components_push_and_subfolder_loads(hub):
+    pipe = make_pipeline()
+    pipe.unet.push_to_hub("ns/unet-only")
+    pipe.scheduler.push_to_hub("ns/scheduler-only")
+    pipe.push_to_hub("ns/whole")
+
+    for unet in (
+        SculptUNet2DModel.from_pretrained("ns/unet-only"),
+        SculptUNet2DModel.from_pretrained("ns/whole", subfolder="unet"),
+    ):
+        assert {str(index): name for index, name in unet.config.id2label.items()} == DIGITS
+        for name, tensor in pipe.unet.state_dict().items():
+            assert torch.equal(unet.state_dict()[name], tensor), name
+    for scheduler in (
+        SculptScheduler.from_pretrained("ns/scheduler-only"),
+        SculptScheduler.from_pretrained("ns/whole", subfolder="scheduler"),
+    ):
+        assert isinstance(scheduler, SculptScheduler)
+        assert scheduler.config.num_train_timesteps == 100
+        assert torch.equal(scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)
+
+
+def test_scheduler_from_hub_swapped_into_stock_ddpm_pipeline(hub):
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        norm_num_groups=8,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).push_to_hub("ns/stock-ddpm")
+    sculpt_scheduler = SculptScheduler(num_train_timesteps=100, eta=1.0)
+    sculpt_scheduler.push_to_hub("ns/sculpt-scheduler")
+
+    def ddpm_images(scheduler) -> np.ndarray:
+        pipe = DDPMPipeline.from_pretrained("ns/stock-ddpm")
+        pipe.scheduler = scheduler
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=2, output_type="np").images
+
+    from_hub = SculptScheduler.from_pretrained("ns/sculpt-scheduler")
+    assert from_hub.config.eta == 1.0
+    images = ddpm_images(from_hub)
+    np.testing.assert_array_equal(images, ddpm_images(sculpt_scheduler))
+    assert not np.array_equal(images, ddpm_images(SculptScheduler(num_train_timesteps=100, eta=0.0)))
+
+
+def test_missing_repo_revision_and_file(hub):
+    with pytest.raises(RepositoryNotFoundError):
+        SculptPipeline.from_pretrained("ns/absent")
+    make_pipeline().push_to_hub("ns/present")
+    with pytest.raises(RevisionNotFoundError):
+        SculptPipeline.from_pretrained("ns/present", revision="no-such-branch")
+    HfApi().create_repo("ns/empty")
+    with pytest.raises(RemoteEntryNotFoundError):
+        SculptPipeline.from_pretrained("ns/empty")
+    with pytest.raises(OSError, match="ns/absent"):
+        SculptUNet2DModel.from_pretrained("ns/absent")
+    with pytest.raises(OSError, match="config.json"):
+        SculptUNet2DModel.from_pretrained("ns/present", subfolder="no-such-folder")

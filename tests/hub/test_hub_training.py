@@ -1,0 +1,173 @@
+"""`train_sculpt.py --push_to_hub` against the test Hub (hub_server.py), with a tiny U-Net and two steps."""
+
+import hashlib
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hub_server import HubServer
+from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
+from safetensors.torch import load_file
+
+from sculptdiff import SculptPipeline
+
+
+# diffusers 0.42.1's ModelMixin/SchedulerMixin.from_pretrained pass `local_dir_use_symlinks` to hf_hub_download on
+# every load from a repo id, which huggingface_hub 2.x warns about: not ours to fix, and exactly this one message.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The `local_dir_use_symlinks` argument is deprecated and ignored in `hf_hub_download`:UserWarning"
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = REPO_ROOT / "training_scripts" / "train_sculpt.py"
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
+ACCELERATE_LAUNCH += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+# A class-conditional U-Net of 8-16 channels on 16 digits at 8x8; a checkpoint every step and TensorBoard logs,
+# so that there are checkpoint-* and logs/ folders for the push to leave out.
+TINY_RUN = [
+    "--resolution", "8", "--max_train_samples", "16", "--train_batch_size", "4", "--seed", "0",
+    "--block_out_channels", "8", "16", "--norm_num_groups", "4", "--attention_levels", "0", "1",
+    "--attention_head_dim", "8", "--num_train_timesteps", "100", "--lr_warmup_steps", "0",
+    "--checkpointing_steps", "1", "--validation_steps", "100", "--num_validation_images", "1",
+    "--validation_inference_steps", "2", "--report_to", "tensorboard",
+]  # fmt: skip
+PUBLISHED = {
+    ".gitattributes",
+    "README.md",
+    "model_index.json",
+    "pipeline_sculpt.py",
+    "sample_grid.png",
+    "training_args.json",
+    "scheduler/scheduler_config.json",
+    "scheduler/sculptdiff.schedulers.scheduling_sculpt.py",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/sculptdiff.models.unet_sculpt.py",
+}
+
+
+def train(launcher: list[str], env: dict, output_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*launcher, str(SCRIPT), *TINY_RUN, "--output_dir", str(output_dir), *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def digests(folder: Path, published_only: bool = False) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path; only what a push publishes if asked."""
+    files = {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+    if published_only:
+        files = {name: digest for name, digest in files.items() if not re.match(r"(checkpoint-\d+|logs)/", name)}
+    return files
+
+
+def sample(pipe: SculptPipeline) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    return pipe(class_labels=[1, 7], num_inference_steps=2, generator=generator, output_type="np").images
+
+
+def test_training_run_publishes_the_output_and_a_second_run_commits_again(hub, tmp_path):
+    output_dir = tmp_path / "sculpt-digits"
+    first = train(
+        ACCELERATE_LAUNCH,
+        hub.env,
+        output_dir,
+        "--max_train_steps",
+        "2",
+        "--push_to_hub",
+        "--hub_model_id",
+        "ns/digits",
+    )
+    assert first.returncode == 0, first.stderr
+    assert (output_dir / "checkpoint-2").is_dir() and (output_dir / "logs").is_dir()
+
+    # The repo holds exactly the saved pipeline, card, sample grid and args: byte for byte, no checkpoints or logs.
+    api = HfApi()
+    assert set(api.list_repo_files("ns/digits")) == PUBLISHED
+    first_commit = api.model_info("ns/digits").sha
+    snapshot = Path(snapshot_download("ns/digits"))
+    published = digests(snapshot)
+    published.pop(".gitattributes")
+    assert published == digests(output_dir, published_only=True)
+
+    card = ModelCard.load("ns/digits")
+    assert "sculptdiff" in card.data.tags and card.data.library_name == "diffusers"
+    assert "ns/digits" in card.text and "sample_grid.png" in card.text
+    np.testing.assert_array_equal(
+        sample(SculptPipeline.from_pretrained("ns/digits")), sample(SculptPipeline.from_pretrained(output_dir))
+    )
+
+    # A second run (resumed, one more step) makes a new commit; the first commit id still serves the first weights.
+    second = train(
+        [sys.executable],
+        hub.env,
+        output_dir,
+        "--max_train_steps",
+        "3",
+        "--resume_from_checkpoint",
+        "latest",
+        "--push_to_hub",
+        "--hub_model_id",
+        "ns/digits",
+    )
+    assert second.returncode == 0, second.stderr
+    second_commit = api.model_info("ns/digits").sha
+    assert second_commit != first_commit
+    assert set(api.list_repo_files("ns/digits")) == PUBLISHED
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert digests(Path(snapshot_download("ns/digits")), published_only=True)[weights] == digests(output_dir)[weights]
+    old = load_file(hf_hub_download("ns/digits", weights, revision=first_commit))
+    assert all(torch.equal(old[name], tensor) for name, tensor in load_file(snapshot / weights).items())
+    new = load_file(hf_hub_download("ns/digits", weights))
+    assert any(not torch.equal(old[name], new[name]) for name in old)
+
+
+def test_push_with_the_hub_down_fails_clearly_and_the_printed_command_publishes(hub, tmp_path):
+    hub.stop()
+    output_dir = tmp_path / "sculpt-digits"
+    failed = train(
+        [sys.executable], hub.env, output_dir, "--max_train_steps", "2", "--push_to_hub", "--hub_model_id", "ns/later"
+    )
+    assert failed.returncode != 0
+    assert "Pushing" in failed.stderr and "ns/later" in failed.stderr and "ConnectError" in failed.stderr
+    repush = re.search(r"re-run the push alone with:\n\s+(hf upload .+)\n", failed.stderr)
+    assert repush is not None, failed.stderr
+
+    # The local output is complete: the pipeline loads, the card, grid, checkpoints and logs are there.
+    local = digests(output_dir)
+    assert {"README.md", "sample_grid.png", "model_index.json", "unet/diffusion_pytorch_model.safetensors"} <= set(
+        local
+    )
+    assert any(name.startswith("checkpoint-2/") for name in local) and any(name.startswith("logs/") for name in local)
+    expected = sample(SculptPipeline.from_pretrained(output_dir))
+
+    # Hub back up (same data, new port): the printed command, run verbatim, publishes the folder and leaves it as is.
+    restarted = HubServer(tmp_path / "hub-data", token=hub.token).start()
+    try:
+        env = {**hub.env, "HF_ENDPOINT": restarted.url}
+        uploaded = subprocess.run(shlex.split(repush.group(1)), env=env, capture_output=True, text=True, timeout=120)
+        assert uploaded.returncode == 0, uploaded.stderr
+        assert digests(output_dir) == local
+        api = HfApi(endpoint=restarted.url)
+        assert set(api.list_repo_files("ns/later")) == PUBLISHED
+        weights = api.hf_hub_download("ns/later", "unet/diffusion_pytorch_model.safetensors", cache_dir=tmp_path / "c")
+        assert (
+            hashlib.sha256(Path(weights).read_bytes()).hexdigest() == local["unet/diffusion_pytorch_model.safetensors"]
+        )
+    finally:
+        restarted.stop()
+    np.testing.assert_array_equal(sample(SculptPipeline.from_pretrained(output_dir)), expected)
