@@ -14,7 +14,7 @@ quality:
 test:
 	python -m pytest -n 2
 
-bench:
+bench:  # needs the bench extra: pip install -e ".[bench]"
 	python benchmarks/bench_unet.py
 	python benchmarks/bench_speed.py
 	python benchmarks/bench_quality.py
