@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 
 from sculptdiff.models.unet_sculpt import SculptUNet2DModel
 from sculptdiff.pipelines.sculpt.pipeline_sculpt import SculptPipeline
+from sculptdiff.schedulers.scheduling_sculpt import SculptScheduler
+from sculptdiff.schedulers.scheduling_sculpt_flow import SculptFlowScheduler
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -245,6 +247,25 @@ def test_fine_tuning_a_saved_pipeline(trained, tmp_path):
     assert config["id2label"]["7"] == "7" and config["conditioning_dropout_prob"] == 0.1
     assert f"fine-tuned from `{trained}`" in (output_dir / "README.md").read_text()
     assert sample(SculptPipeline.from_pretrained(output_dir)).shape == (2, 8, 8, 1)
+
+
+def test_flow_training_saves_a_flow_pipeline_that_reloads_and_guides(tmp_path):
+    output_dir = tmp_path / "flow"
+    train(output_dir, "--max_train_steps", "2", "--prediction_type", "flow", "--weighting_scheme", "logit_normal")
+    config = json.loads((output_dir / "unet" / "config.json").read_text())
+    assert config["prediction_type"] == "flow" and config["conditioning_dropout_prob"] == 0.1
+    scheduler_config = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler_config["_class_name"] == "SculptFlowScheduler"
+
+    pipe = SculptPipeline.from_pretrained(output_dir)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler) is SculptFlowScheduler
+    guided = pipe(class_labels=[1, 7], num_inference_steps=2, guidance_scale=3.0, generator=torch.manual_seed(0))
+    assert len(guided.images) == 2
+    # the saved objective refuses a scheduler of the other family
+    pipe.scheduler = SculptScheduler()
+    with pytest.raises(ValueError, match="flow-matching objective"):
+        sample(pipe)
 
 
 def test_caption_training_on_mixed_mode_images_ships_the_text_encoder(tmp_path, tiny_text_encoder, tiny_tokenizer):
