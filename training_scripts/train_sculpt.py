@@ -360,6 +360,20 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="Render a sample grid (fixed seed, EMA weights) every this many steps, logged and saved as PNG.",
     )
     parser.add_argument(
+        "--eval_steps",
+        type=int,
+        default=None,
+        help=(
+            "Every this many steps, sample --eval_num_samples class-conditional digits with the validation settings"
+            " and log the benchmarks' quality figures (FD, class accuracy, coverage, precision/recall in a digits"
+            " classifier's feature space; sculptdiff.training.evaluation) to the trackers and eval_metrics.jsonl."
+            " Needs a class-conditional 1-channel model at 16 or 32 px."
+        ),
+    )
+    parser.add_argument(
+        "--eval_num_samples", type=int, default=200, help="Samples per --eval_steps evaluation (class i %% 10)."
+    )
+    parser.add_argument(
         "--validation_prompts",
         type=str,
         nargs="+",
@@ -896,6 +910,18 @@ def main(args: argparse.Namespace):
         }
         accelerator.init_trackers("train_sculpt", config=tracker_config)
 
+    evaluator = None
+    if args.eval_steps is not None:
+        if conditioning != "class" or sampling_unet.config.in_channels != 1 or args.resolution not in (16, 32):
+            raise ValueError(
+                "--eval_steps scores digits: it needs a class-conditional 1-channel model at --resolution 16 or 32"
+                " (the built-in digits data). Drop --eval_steps for other data."
+            )
+        # imported here: the evaluator needs scipy, and only this flag uses it
+        from sculptdiff.training.evaluation import DigitsEvaluator
+
+        evaluator = DigitsEvaluator(args.resolution) if accelerator.is_main_process else None
+
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
     logger.info(f"  Num examples = {len(dataset)}")
@@ -1083,6 +1109,26 @@ def main(args: argparse.Namespace):
                         )
                         save_image(grid, os.path.join(args.output_dir, "samples", f"step-{global_step:06d}.png"))
                         log_grid(accelerator, grid, global_step)
+                    accelerator.wait_for_everyone()
+
+                if args.eval_steps is not None and global_step % args.eval_steps == 0:
+                    if accelerator.is_main_process:
+                        load_sampling_weights(sampling_unet, unet, ema_unet, accelerator)
+                        labels = torch.arange(args.eval_num_samples) % len(names)
+                        images = pipeline(
+                            class_labels=labels,
+                            guidance_scale=guidance_scale,
+                            num_inference_steps=args.validation_inference_steps,
+                            eta=args.validation_eta,
+                            generator=torch.Generator(device=accelerator.device).manual_seed(0),
+                            output_type="pt",
+                        ).images
+                        # the pipeline returns [0, 1]; the evaluator reads the training range [-1, 1]
+                        metrics = evaluator.evaluate(images * 2 - 1, labels)
+                        accelerator.log({f"eval/{name}": value for name, value in metrics.items()}, step=global_step)
+                        with open(os.path.join(args.output_dir, "eval_metrics.jsonl"), "a", encoding="utf-8") as f:
+                            f.write(json.dumps({"step": global_step, **metrics}) + "\n")
+                        logger.info(f"eval at step {global_step}: {metrics}")
                     accelerator.wait_for_everyone()
 
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}

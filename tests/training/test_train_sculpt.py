@@ -268,6 +268,22 @@ def test_flow_training_saves_a_flow_pipeline_that_reloads_and_guides(tmp_path):
         sample(pipe)
 
 
+def test_eval_steps_log_the_benchmarks_quality_figures(tmp_path):
+    output_dir = tmp_path / "eval"
+    args = ["--max_train_steps", "2", "--resolution", "16", "--eval_steps", "2", "--eval_num_samples", "20"]
+    # the digits classifier is trained once into this cache, never the user's
+    train(output_dir, *args, env=subprocess_env(SCULPTDIFF_CACHE=str(tmp_path / "cache")))
+    lines = (output_dir / "eval_metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    metrics = json.loads(lines[0])
+    assert metrics["step"] == 2 and metrics["num_samples"] == 20
+    assert np.isfinite(metrics["fd"]) and 0 <= metrics["class_accuracy"] <= 1
+    assert list((tmp_path / "cache").iterdir())
+
+    result = train(tmp_path / "bad", "--max_train_steps", "2", "--eval_steps", "2", check=False)
+    assert result.returncode != 0 and "--eval_steps scores digits" in result.stderr
+
+
 def test_caption_training_on_mixed_mode_images_ships_the_text_encoder(tmp_path, tiny_text_encoder, tiny_tokenizer):
     encoder_dir = tmp_path / "encoder"
     tiny_text_encoder.save_pretrained(encoder_dir)
