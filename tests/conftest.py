@@ -17,6 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast  # noqa: E402
 
@@ -79,3 +80,24 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture
 def tiny_text_encoder() -> CLIPTextModel:
     return build_tiny_text_encoder()
+
+
+def build_tiny_vae() -> AutoencoderKL:
+    """A 2-level AutoencoderKL (8-16 channels, 4 latent channels, so a scale factor of 2) for RGB images."""
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).eval()
+
+
+@pytest.fixture
+def tiny_vae() -> AutoencoderKL:
+    return build_tiny_vae()

@@ -2,7 +2,7 @@
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline
 
 from sculptdiff.models.unet_sculpt import SculptUNet2DModel
 
@@ -42,20 +42,8 @@ def test_ddpm_pipeline_with_sculpt_unet():
     np.testing.assert_array_equal(images.images, repeated.images)
 
 
-def build_stable_diffusion(tokenizer, text_encoder) -> StableDiffusionPipeline:
+def build_stable_diffusion(tokenizer, text_encoder, vae) -> StableDiffusionPipeline:
     unet = build_unet(sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=32)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    ).eval()
     # Stable Diffusion's scheduler settings
     scheduler = DDIMScheduler(
         beta_start=0.00085,
@@ -79,8 +67,8 @@ def build_stable_diffusion(tokenizer, text_encoder) -> StableDiffusionPipeline:
     return pipeline
 
 
-def test_stable_diffusion_pipeline_with_sculpt_unet(tiny_tokenizer, tiny_text_encoder):
-    pipeline = build_stable_diffusion(tiny_tokenizer, tiny_text_encoder)
+def test_stable_diffusion_pipeline_with_sculpt_unet(tiny_tokenizer, tiny_text_encoder, tiny_vae):
+    pipeline = build_stable_diffusion(tiny_tokenizer, tiny_text_encoder, tiny_vae)
     assert pipeline.vae_scale_factor == 2
 
     def generate(prompt: str, guidance_scale: float) -> np.ndarray:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
@@ -300,18 +299,8 @@ def test_prompt_embeds_equal_the_prompt_path(tiny_text_encoder, tiny_tokenizer):
     torch.testing.assert_close(empty, pipe.encode_prompt([""], torch.device("cpu"))[0])
 
 
-def test_latent_space_with_a_vae(tiny_text_encoder, tiny_tokenizer):
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    ).eval()
+def test_latent_space_with_a_vae(tiny_text_encoder, tiny_tokenizer, tiny_vae):
+    vae = tiny_vae
     unet = make_unet(in_channels=4, out_channels=4, num_class_embeds=None, id2label=None, cross_attention_dim=32)
     pipe = SculptPipeline(
         unet=unet, scheduler=SculptScheduler(), text_encoder=tiny_text_encoder, tokenizer=tiny_tokenizer, vae=vae

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DDPMPipeline,
     DDPMScheduler,
@@ -46,7 +45,7 @@ def tiny_unet() -> UNet2DModel:
 
 
 @pytest.fixture
-def sd_components(tiny_tokenizer, tiny_text_encoder) -> dict:
+def sd_components(tiny_tokenizer, tiny_text_encoder, tiny_vae) -> dict:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -60,17 +59,7 @@ def sd_components(tiny_tokenizer, tiny_text_encoder) -> dict:
         cross_attention_dim=32,
         attention_head_dim=4,
     ).eval()
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        sample_size=16,
-    ).eval()
-    return {"unet": unet, "vae": vae, "text_encoder": tiny_text_encoder, "tokenizer": tiny_tokenizer}
+    return {"unet": unet, "vae": tiny_vae, "text_encoder": tiny_text_encoder, "tokenizer": tiny_tokenizer}
 
 
 def run_ddpm_pipeline(unet, scheduler, num_inference_steps=2) -> np.ndarray:

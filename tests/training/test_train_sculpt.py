@@ -268,6 +268,52 @@ def test_flow_training_saves_a_flow_pipeline_that_reloads_and_guides(tmp_path):
         sample(pipe)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--prediction_type", "v_prediction", "--rescale_betas_zero_snr", "--snr_gamma", "5", "--noise_offset", "0.1"],
+        ["--prediction_type", "sample", "--snr_gamma", "5"],
+    ],
+    ids=["v_prediction-zero_snr-min_snr-noise_offset", "sample-min_snr"],
+)
+def test_other_objectives_save_what_they_trained(tmp_path, args):
+    output_dir = tmp_path / "out"
+    train(output_dir, "--max_train_steps", "2", *args)
+    prediction_type = args[1]
+    assert json.loads((output_dir / "unet" / "config.json").read_text())["prediction_type"] == prediction_type
+    scheduler_config = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler_config["prediction_type"] == prediction_type
+    assert scheduler_config["rescale_betas_zero_snr"] == ("--rescale_betas_zero_snr" in args)
+    assert json.loads((output_dir / "training_args.json").read_text())["snr_gamma"] == 5.0
+
+    pipe = SculptPipeline.from_pretrained(output_dir)
+    if "--rescale_betas_zero_snr" in args:
+        # zero terminal SNR: sampling starts from pure noise at t = T - 1
+        assert pipe.scheduler.alphas_cumprod[-1] == 0
+    images = sample(pipe)
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+
+
+def test_training_in_a_vae_latent_space(tmp_path, tiny_vae):
+    vae_dir = tmp_path / "vae"
+    tiny_vae.save_pretrained(vae_dir)
+    output_dir = tmp_path / "out"
+    # 16 px RGB digits -> 8x8x4 latents for the 2-level U-Net
+    train(output_dir, "--max_train_steps", "2", "--resolution", "16", "--vae_name_or_path", str(vae_dir))
+    assert {"vae/config.json", "vae/diffusion_pytorch_model.safetensors"} <= files(output_dir)
+    config = json.loads((output_dir / "unet" / "config.json").read_text())
+    assert (config["in_channels"], config["out_channels"], config["sample_size"]) == (4, 4, 8)
+    # latents are not confined to [-1, 1]: no x_0 clipping
+    assert json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())["clip_sample"] is False
+    # one row per digit class, --num_validation_images 2 per row, decoded to 16 px
+    assert Image.open(output_dir / "sample_grid.png").size == (2 * 16, 10 * 16)
+
+    pipe = SculptPipeline.from_pretrained(output_dir)
+    assert pipe.vae is not None and pipe.vae_scale_factor == 2
+    images = sample(pipe)
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+
+
 def test_eval_steps_log_the_benchmarks_quality_figures(tmp_path):
     output_dir = tmp_path / "eval"
     args = ["--max_train_steps", "2", "--resolution", "16", "--eval_steps", "2", "--eval_num_samples", "20"]
