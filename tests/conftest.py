@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from diffusers import AutoencoderKL  # noqa: E402
+from diffusers import AutoencoderKL, UNet2DModel  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast  # noqa: E402
 
@@ -101,3 +101,19 @@ def build_tiny_vae() -> AutoencoderKL:
 @pytest.fixture
 def tiny_vae() -> AutoencoderKL:
     return build_tiny_vae()
+
+
+@pytest.fixture
+def tiny_stock_unet() -> UNet2DModel:
+    """diffusers' own UNet2DModel, 2 levels of 8-16 channels with attention at the second, for 8x8 RGB images."""
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        norm_num_groups=8,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    ).eval()

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler
 from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -192,17 +192,8 @@ def test_components_push_and_subfolder_loads(hub):
         assert torch.equal(scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)
 
 
-def test_scheduler_from_hub_swapped_into_stock_ddpm_pipeline(hub):
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        block_out_channels=(8, 16),
-        norm_num_groups=8,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    )
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).push_to_hub("ns/stock-ddpm")
+def test_scheduler_from_hub_swapped_into_stock_ddpm_pipeline(hub, tiny_stock_unet):
+    DDPMPipeline(unet=tiny_stock_unet, scheduler=DDPMScheduler(num_train_timesteps=100)).push_to_hub("ns/stock-ddpm")
     sculpt_scheduler = SculptScheduler(num_train_timesteps=100, eta=1.0)
     sculpt_scheduler.push_to_hub("ns/sculpt-scheduler")
 

@@ -10,7 +10,7 @@ import httpx2
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler
 from hub_server import HubServer
 from huggingface_hub import (
     CommitOperationAdd,
@@ -196,19 +196,9 @@ def test_restarted_server_keeps_its_repos(hub, tmp_path):
         restarted.stop()
 
 
-def tiny_ddpm_pipeline() -> DDPMPipeline:
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        norm_num_groups=8,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    )
-    return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100))
+@pytest.fixture
+def pipeline(tiny_stock_unet) -> DDPMPipeline:
+    return DDPMPipeline(unet=tiny_stock_unet, scheduler=DDPMScheduler(num_train_timesteps=100))
 
 
 def public_config(component) -> dict:
@@ -219,8 +209,7 @@ def sample(pipeline: DDPMPipeline) -> np.ndarray:
     return pipeline(generator=torch.Generator().manual_seed(0), num_inference_steps=2, output_type="np").images
 
 
-def test_diffusers_pipeline_push_and_load(hub, tmp_path):
-    pipeline = tiny_ddpm_pipeline()
+def test_diffusers_pipeline_push_and_load(hub, tmp_path, pipeline):
     pipeline.push_to_hub("ns/tiny-ddpm")
     pipeline.save_pretrained(tmp_path / "local")
 

@@ -10,7 +10,6 @@ from diffusers import (
     DDPMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
-    UNet2DModel,
 )
 
 from sculptdiff.schedulers.scheduling_sculpt import SculptScheduler
@@ -27,21 +26,6 @@ SD_SCHEDULER_CONFIG = {
     "set_alpha_to_one": False,
     "steps_offset": 1,
 }
-
-
-@pytest.fixture
-def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    ).eval()
 
 
 @pytest.fixture
@@ -79,24 +63,24 @@ def run_sd_pipeline(components, scheduler, output_type="np", **call_kwargs) -> n
     return pipe(PROMPT, generator=generator, guidance_scale=7.5, output_type=output_type, **call_kwargs).images
 
 
-def test_ddpm_pipeline_with_ddim_settings_matches_ddim(tiny_unet):
-    reference = run_ddpm_pipeline(tiny_unet, DDIMScheduler())
+def test_ddpm_pipeline_with_ddim_settings_matches_ddim(tiny_stock_unet):
+    reference = run_ddpm_pipeline(tiny_stock_unet, DDIMScheduler())
     # DDIM's settings include keeping the model's noise after clipping x_0
     ours = run_ddpm_pipeline(
-        tiny_unet, SculptScheduler.from_config(DDIMScheduler().config, use_clipped_model_output=False)
+        tiny_stock_unet, SculptScheduler.from_config(DDIMScheduler().config, use_clipped_model_output=False)
     )
     assert ours.shape == (2, 8, 8, 3)
     assert np.allclose(ours, reference, atol=1e-5)
 
 
-def test_ddpm_pipeline_with_eta_one_matches_ddpm(tiny_unet):
+def test_ddpm_pipeline_with_eta_one_matches_ddpm(tiny_stock_unet):
     # (the full 1000-step chain is compared without a pipeline in test_scheduler_sculpt.py)
     reference_scheduler = DDPMScheduler()
-    reference = run_ddpm_pipeline(tiny_unet, reference_scheduler)
-    ours = run_ddpm_pipeline(tiny_unet, SculptScheduler.from_config(reference_scheduler.config, eta=1.0))
+    reference = run_ddpm_pipeline(tiny_stock_unet, reference_scheduler)
+    ours = run_ddpm_pipeline(tiny_stock_unet, SculptScheduler.from_config(reference_scheduler.config, eta=1.0))
     assert np.allclose(ours, reference, atol=1e-5)
     # the test can fail: deterministic DDIM steps give another image
-    ddim_like = run_ddpm_pipeline(tiny_unet, SculptScheduler.from_config(reference_scheduler.config))
+    ddim_like = run_ddpm_pipeline(tiny_stock_unet, SculptScheduler.from_config(reference_scheduler.config))
     assert not np.allclose(ddim_like, reference, atol=1e-3)
 
 
