@@ -3,6 +3,8 @@
 Usage:
     python benchmarks/bench_unet.py [--batch_size 64] [--resolutions 16 32] [--repeats 5]
 
+Prints a markdown report and writes it to benchmarks/results/unet-<date>.md.
+
 What is compared, and why:
 - Stock side: diffusers' `UNet2DModel` in the layout of DDPM's CIFAR-10 model (`google/ddpm-cifar10-32`): channel
   multipliers (1, 2, 2, 2), 2 residual blocks per level, single-head self-attention at the second level (16x16 for
@@ -23,17 +25,22 @@ What is compared, and why:
 """
 
 import argparse
+import datetime
 import os
 import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from sculptdiff.models.unet_sculpt import SculptUNet2DModel
+
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,6 +55,7 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="torch intra-op threads (default: torch's default, one per core). 1 is less sensitive to other load.",
     )
+    parser.add_argument("--output_dir", type=str, default=str(RESULTS_DIR), help="Where unet-<date>.md is written.")
     return parser.parse_args()
 
 
@@ -128,31 +136,43 @@ def main(args: argparse.Namespace) -> None:
 
     load_after = os.getloadavg()
     stock_name, sculpt_name = models
-    print(f"command: `python {' '.join(sys.argv)}`")
-    print(
-        f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    report = [f"# SculptUNet2DModel vs UNet2DModel speed ({date})", ""]
+    report.append(f"- Command: `python {' '.join(sys.argv)}`")
+    report.append(
+        f"- Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
         f"threads), Python {platform.python_version()}; 1-minute load average {load_before[0]:.2f} before, "
         f"{load_after[0]:.2f} after"
     )
-    print(f"batch size {args.batch_size}, median of {args.repeats} repetitions after 1 warm-up\n")
-    print("| model | parameters | " + " | ".join(f"GFLOPs/image {r}x{r}" for r in args.resolutions) + " |")
-    print("|---|---|" + "---|" * len(args.resolutions))
+    report.append(f"- Batch size {args.batch_size}, median of {args.repeats} repetitions after 1 warm-up")
+    report.append("")
+    report.append("| model | parameters | " + " | ".join(f"GFLOPs/image {r}x{r}" for r in args.resolutions) + " |")
+    report.append("|---|---|" + "---|" * len(args.resolutions))
     for name, model in models.items():
         gflops = " | ".join(f"{count_gflops_per_image(model, r):.3f}" for r in args.resolutions)
-        print(f"| {name} | {count_parameters(model) / 1e6:.2f}M | {gflops} |")
-    print()
-    print(
+        report.append(f"| {name} | {count_parameters(model) / 1e6:.2f}M | {gflops} |")
+    report.append("")
+    report.append(
         "| resolution | pass | UNet2DModel s/batch | SculptUNet2DModel s/batch | SculptUNet2DModel img/s | speed-up |"
     )
-    print("|---|---|---|---|---|---|")
+    report.append("|---|---|---|---|---|---|")
     for resolution, by_model in results.items():
         for mode in ("forward", "forward+backward"):
             stock_seconds = statistics.median(by_model[stock_name][mode])
             sculpt_seconds = statistics.median(by_model[sculpt_name][mode])
-            print(
+            report.append(
                 f"| {resolution}x{resolution} | {mode} | {stock_seconds:.3f} | {sculpt_seconds:.3f} | "
                 f"{args.batch_size / sculpt_seconds:.1f} | {stock_seconds / sculpt_seconds:.2f}x |"
             )
+
+    text = "\n".join(report) + "\n"
+    print(text)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f"unet-{date[:10]}.md"
+    staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
 
 
 if __name__ == "__main__":
