@@ -52,6 +52,7 @@ from sculptdiff.training.data import (
     image_mode_for_channels,
     load_training_dataset,
 )
+from sculptdiff.training.evaluation import DigitsEvaluator
 from sculptdiff.training.publish import PushToHubError, push_output_dir
 
 
@@ -917,9 +918,6 @@ def main(args: argparse.Namespace):
                 "--eval_steps scores digits: it needs a class-conditional 1-channel model at --resolution 16 or 32"
                 " (the built-in digits data). Drop --eval_steps for other data."
             )
-        # imported here: the evaluator needs scipy, and only this flag uses it
-        from sculptdiff.training.evaluation import DigitsEvaluator
-
         evaluator = DigitsEvaluator(args.resolution) if accelerator.is_main_process else None
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps

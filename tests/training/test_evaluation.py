@@ -1,6 +1,7 @@
 """The sample-quality metrics of sculptdiff.training.evaluation, on known inputs and on the real digits."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -43,6 +44,20 @@ def test_frechet_distance_of_a_set_with_itself_is_zero_and_a_mean_shift_adds_its
     shift = np.linspace(-1, 1, 16)
     # equal covariances: only ||mu1 - mu2||^2 remains
     assert frechet_distance(mu + shift, sigma, mu, sigma) == pytest.approx(float(shift @ shift), rel=1e-6)
+
+
+def test_frechet_distance_of_singular_covariances_is_exact_and_quiet():
+    # the classifier's features have dead (zero-variance) dimensions, so every real covariance is singular; for
+    # diagonal ones the trace term is sum (sqrt(s1) - sqrt(s2))^2: (1 - 3)^2 + (2 - 1)^2 + 0 + (0 - sqrt 2)^2 = 7
+    sigma1, sigma2 = np.diag([1.0, 4.0, 0.0, 0.0]), np.diag([9.0, 1.0, 0.0, 2.0])
+    mu = np.zeros(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert frechet_distance(mu, sigma1, mu, sigma2) == pytest.approx(7.0, rel=1e-12)
+        # a rotation changes nothing: the distance depends on the Gaussians, not on the basis
+        rotation, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((4, 4)))
+        rotated = frechet_distance(mu, rotation @ sigma1 @ rotation.T, mu, rotation @ sigma2 @ rotation.T)
+        assert rotated == pytest.approx(7.0, rel=1e-6)  # sqrt of a round-off eigenvalue ~1e-16 is ~1e-8
 
 
 def test_frechet_distance_grows_with_blur_and_noise(evaluator, split):
