@@ -470,6 +470,13 @@ def format_metric(value: float, digits: int = 2) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def write_text(path: Path, text: str):
+    """Writes under a temporary name and renames into place: a stopped run never leaves a half-written file."""
+    staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
+
+
 class Report:
     """Collects everything measured and rewrites the markdown, JSON and plot files (each via a rename)."""
 
@@ -491,11 +498,6 @@ class Report:
             "status": "running",
         }
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-
-    def write_text(self, path: Path, text: str):
-        staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        staging.write_text(text, encoding="utf-8")
-        os.replace(staging, path)
 
     def cell(self, model: str, sampler: str, steps: int, guidance: float) -> dict | None:
         for cell in self.data["cells"]:
@@ -632,8 +634,8 @@ class Report:
         return "\n".join(lines)
 
     def save(self):
-        self.write_text(self.base.with_suffix(".json"), json.dumps(self.data, indent=2, default=str))
-        self.write_text(self.base.with_suffix(".md"), self.markdown())
+        write_text(self.base.with_suffix(".json"), json.dumps(self.data, indent=2, default=str))
+        write_text(self.base.with_suffix(".md"), self.markdown())
 
     def plot(self):
         import matplotlib

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_quality import load_training_script, stock_unet_config, write_text
 
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
@@ -82,8 +83,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(model_name: str, resolution: int) -> tuple[torch.nn.Module, object]:
     """The model and its training noise scheduler, as bench_quality.py trains them."""
-    sys.path.insert(0, str(BENCHMARKS_DIR))
-    from bench_quality import load_training_script, stock_unet_config
     from diffusers import DDPMScheduler, UNet2DModel
 
     from sculptdiff.schedulers.scheduling_sculpt import SculptScheduler
@@ -231,12 +230,6 @@ def markdown(args: argparse.Namespace, info: dict, results: list[dict]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def write_text(path: Path, text: str):
-    staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
 
 
 def main(args: argparse.Namespace):

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_quality import write_text
 from diffusers import UNet2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -169,10 +170,7 @@ def main(args: argparse.Namespace) -> None:
     print(text)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / f"unet-{date[:10]}.md"
-    staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
+    write_text(output_dir / f"unet-{date[:10]}.md", text)
 
 
 if __name__ == "__main__":
