@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from sculptdiff.schedulers.scheduling_sculpt import SculptScheduler, SculptSchedulerOutput
 
@@ -230,25 +230,42 @@ def test_thresholding_matches(prediction_type, reference_class):
     assert (thresholded - unthresholded).abs().max() > 1e-3
 
 
+# DDPMScheduler's own arithmetic rounds differently from formula (12) where abar_{t-1} -> 1 (its 1 - abar_t / abar_{t-1}
+# loses ~1e-4 relative precision for t < 10): eta = 1 computes DDPM's way, so that all 1000 training steps, every
+# variance type included, give DDPMScheduler's samples bit for bit
+@pytest.mark.parametrize(
+    "variance_type", ["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"]
+)
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-def test_full_chain_without_set_timesteps_matches_ddpm(prediction_type):
-    # All 1000 training steps. The tolerance is 1e-4 because of DDPMScheduler's float32 rounding where abar_{t-1} -> 1:
-    # its 1 - abar_t / abar_{t-1} loses ~1e-4 relative precision for t < 10, while this scheduler's step stays within
-    # 2e-6 of the float64 posterior mean (test_eta_one_fixed_small_is_the_ddpm_posterior_mean).
-    ours, reference = (
-        SculptScheduler(eta=1.0, prediction_type=prediction_type),
-        DDPMScheduler(prediction_type=prediction_type),
-    )
+def test_full_chain_without_set_timesteps_matches_ddpm_exactly(prediction_type, variance_type):
+    settings = {"prediction_type": prediction_type, "variance_type": variance_type}
+    ours, reference = SculptScheduler(eta=1.0, **settings), DDPMScheduler(**settings)
     results = []
     for scheduler in (ours, reference):
         generator = torch.Generator().manual_seed(0)
         sample = torch.randn(SHAPE, generator=generator)
         for t in scheduler.timesteps:
             model_output = dummy_model(sample, t, scheduler.alphas_cumprod, prediction_type)
+            if variance_type in ("learned", "learned_range"):
+                model_output = torch.cat([model_output, predicted_variance_channels(sample, variance_type)], dim=1)
             sample = scheduler.step(model_output, t, sample, generator=generator).prev_sample
         results.append(sample)
     assert torch.isfinite(results[1]).all()
-    torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(results[0], results[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("timestep, prev_timestep", [(999, 500), (500, 0), (2, 1), (1, 0)])
+def test_eta_one_step_is_ddpm_step_bit_for_bit(timestep, prev_timestep):
+    # one step with noise, also where abar_{t-1} is close to 1 (prev_timestep = 0, 1), as the last steps of a chain
+    ours, reference = SculptScheduler(eta=1.0), DDPMScheduler()
+    generator = torch.Generator().manual_seed(0)
+    sample, model_output = torch.randn(SHAPE, generator=generator), torch.randn(SHAPE, generator=generator)
+    outputs = []
+    for scheduler in (ours, reference):
+        scheduler.set_timesteps(timesteps=[timestep, prev_timestep])
+        outputs.append(scheduler.step(model_output, timestep, sample, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(outputs[0].prev_sample, outputs[1].prev_sample, atol=0, rtol=0)
+    torch.testing.assert_close(outputs[0].pred_original_sample, outputs[1].pred_original_sample, atol=0, rtol=0)
 
 
 def test_custom_timesteps_match_ddpm():
@@ -264,21 +281,23 @@ def test_step_eta_overrides_the_config():
     assert_same(sample_loop(SculptScheduler(), eta=1.0), sample_loop(DDPMScheduler()))
 
 
+@pytest.mark.parametrize("eta", [0.5, 0.99])
 @pytest.mark.parametrize("timestep, prev_timestep", [(999, 500), (500, 0), (2, 1), (1, 0)])
-def test_eta_one_fixed_small_is_the_ddpm_posterior_mean(timestep, prev_timestep):
-    # Without noise an eta = 1 step is DDPM's posterior mean mu_tilde(x_t, x_0) (eq. 7), here computed in float64 from
-    # the same float32 alphas_cumprod; also where abar_{t-1} is close to 1 (prev_timestep = 0, 1)
-    scheduler = SculptScheduler(eta=1.0, clip_sample=False)
+def test_eta_below_one_is_formula_12_in_float64(timestep, prev_timestep, eta):
+    # Without noise a step is sqrt(abar_{t-1}) x_0 + sqrt(1 - abar_{t-1} - eta^2 beta_tilde_t) eps (DDIM formula (12)),
+    # here computed in float64 from the same float32 alphas_cumprod; also where abar_{t-1} is close to 1 (prev_timestep
+    # = 0, 1), where beta_t = 1 - abar_t / abar_{t-1} in float32 would be off by ~1e-4 relative
+    scheduler = SculptScheduler(eta=eta, clip_sample=False)
     scheduler.set_timesteps(timesteps=[timestep, prev_timestep])
     generator = torch.Generator().manual_seed(0)
     sample, model_output = torch.randn(SHAPE, generator=generator), torch.randn(SHAPE, generator=generator)
     output = scheduler.step(model_output, timestep, sample, variance_noise=torch.zeros(SHAPE))
     abar_t = scheduler.alphas_cumprod[timestep].double()
     abar_prev = scheduler.alphas_cumprod[prev_timestep].double()
-    beta_t = 1 - abar_t / abar_prev
+    posterior_variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
     x0 = (sample.double() - (1 - abar_t) ** 0.5 * model_output.double()) / abar_t**0.5
-    mean = abar_prev**0.5 * beta_t / (1 - abar_t) * x0 + (1 - beta_t) ** 0.5 * (1 - abar_prev) / (1 - abar_t) * sample
-    torch.testing.assert_close(output.prev_sample.double(), mean, atol=2e-6, rtol=2e-6)
+    expected = abar_prev**0.5 * x0 + (1 - abar_prev - eta**2 * posterior_variance) ** 0.5 * model_output.double()
+    torch.testing.assert_close(output.prev_sample.double(), expected, atol=2e-6, rtol=2e-6)
     torch.testing.assert_close(output.pred_original_sample.double(), x0, atol=1e-5, rtol=1e-5)
 
 
@@ -303,6 +322,73 @@ def test_previous_timestep_is_the_next_grid_point():
     # so with eta = 0 the result differs from DDIMScheduler's off-grid step
     ours = sample_loop(SculptScheduler(timestep_spacing="linspace"))
     assert (ours - sample_loop(DDIMScheduler(timestep_spacing="linspace"))).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize(
+    "timestep_spacing, steps_offset, num_inference_steps, timestep",
+    [
+        ("leading", 0, 50, 1),
+        ("leading", 0, 50, 49),
+        ("leading", 1, 5, 0),
+        ("trailing", 0, 7, 500),
+        ("linspace", 0, 10, 5),
+    ],
+)
+def test_off_grid_timesteps_step_as_ddim(timestep_spacing, steps_offset, num_inference_steps, timestep, eta):
+    # diffusers' DDIM tests step from timesteps such as 1 after set_timesteps(50) (grid 980, ..., 20, 0): DDIMScheduler
+    # steps to t - T // n, and so does this scheduler, for any eta
+    settings = {"timestep_spacing": timestep_spacing, "steps_offset": steps_offset}
+    ours = SculptScheduler(use_clipped_model_output=False, **settings)
+    reference = DDIMScheduler(**settings)
+    ours.set_timesteps(num_inference_steps)
+    reference.set_timesteps(num_inference_steps)
+    assert timestep not in ours.timesteps.tolist()
+    assert ours.previous_timestep(timestep) == timestep - 1000 // num_inference_steps
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(SHAPE, generator=generator)
+    model_output = dummy_model(sample, torch.tensor(timestep), ours.alphas_cumprod, "epsilon")
+    outputs = [
+        scheduler.step(model_output, timestep, sample, eta, generator=torch.Generator().manual_seed(1))
+        for scheduler in (ours, reference)
+    ]
+    assert_same(outputs[0].prev_sample, outputs[1].prev_sample)
+    assert_same(outputs[0].pred_original_sample, outputs[1].pred_original_sample)
+
+
+def test_previous_timestep_returns_a_tensor_for_a_tensor():
+    # as DDPMScheduler.previous_timestep, also after the last grid point (-1) and off the grid
+    scheduler = SculptScheduler()
+    scheduler.set_timesteps(timesteps=[100, 87, 50, 1, 0])
+    previous = [scheduler.previous_timestep(t) for t in scheduler.timesteps]
+    assert all(isinstance(t, torch.Tensor) and t.dtype == torch.int64 for t in previous)
+    assert [t.item() for t in previous] == [87, 50, 1, 0, -1]
+    assert scheduler.previous_timestep(87) == 50 and isinstance(scheduler.previous_timestep(87), int)
+    assert scheduler.previous_timestep(0) == -1 and isinstance(scheduler.previous_timestep(0), int)
+    scheduler.set_timesteps(10)
+    assert scheduler.previous_timestep(torch.tensor(5)).item() == -95
+    assert isinstance(scheduler.previous_timestep(torch.tensor(5)), torch.Tensor)
+
+
+@pytest.mark.parametrize(
+    "timestep, match",
+    [
+        (1000, r"integer in \[0, 1000\)"),
+        (-1, r"integer in \[0, 1000\)"),
+        (2.5, r"integer in \[0, 1000\)"),
+        (torch.tensor(-3), r"integer in \[0, 1000\)"),
+        (51, "not one of the custom `timesteps`"),
+    ],
+)
+def test_bad_timestep_raises(timestep, match):
+    # custom timesteps have no step size, so there is no off-grid step from them (DDPMScheduler raises an IndexError)
+    scheduler = SculptScheduler()
+    scheduler.set_timesteps(timesteps=[100, 50, 0])
+    sample = torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match=match):
+        scheduler.step(sample, timestep, sample)
+    with pytest.raises(ValueError, match=match):
+        scheduler.previous_timestep(timestep)
 
 
 @pytest.mark.parametrize("timestep_spacing", ["leading", "trailing", "linspace"])
@@ -344,9 +430,54 @@ def test_sampling_never_mutates_the_config():
 # config interchange
 
 
+def saved_config(scheduler, folder) -> dict:
+    """The config as a saved folder gives it to `from_config`: with `_class_name`, as `from_pretrained` reads it."""
+    scheduler.save_config(folder)
+    return SculptScheduler.load_config(folder)
+
+
+@pytest.mark.parametrize("from_disk", [False, True])
+def test_from_config_keeps_the_sampler_of_the_saving_scheduler(tmp_path, from_disk):
+    def load(reference, **kwargs):
+        config = saved_config(reference, tmp_path / "saved") if from_disk else reference.config
+        assert ("_class_name" in config) == from_disk
+        scheduler = SculptScheduler.from_config(config, **kwargs)
+        return scheduler.config.eta, scheduler.config.use_clipped_model_output
+
+    # DDPMScheduler's ancestral sampler, DDIMScheduler's deterministic step (which keeps the model's noise)
+    assert load(DDPMScheduler()) == (1.0, True)
+    assert load(DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="fixed_large")) == (1.0, True)
+    assert load(DDIMScheduler()) == (0.0, False)
+    # an explicit value wins: a keyword argument, or the key in the config
+    assert load(DDPMScheduler(), eta=0.0) == (0.0, True)
+    assert load(DDIMScheduler(), eta=0.3, use_clipped_model_output=True) == (0.3, True)
+    assert load(SculptScheduler(eta=0.5)) == (0.5, True)
+    assert load(DDPMScheduler.from_config(SculptScheduler(eta=0.5).config)) == (0.5, True)
+    # any other config gets this class's defaults; DPMSolverMultistepScheduler's `variance_type` does not make it DDPM,
+    # and its saved `variance_type: null` (no learned variance) loads as the default "fixed_small"
+    assert load(SculptScheduler()) == (0.0, True)
+    assert load(DPMSolverMultistepScheduler()) == (0.0, True)
+    config = saved_config(DPMSolverMultistepScheduler(), tmp_path / "dpm") if from_disk else {"variance_type": None}
+    assert config["variance_type"] is None
+    assert SculptScheduler.from_config(config).config.variance_type == "fixed_small"
+
+
+def test_from_pretrained_of_a_ddpm_folder_samples_as_ddpm(tmp_path):
+    reference = DDPMScheduler(clip_sample=False)
+    reference.save_pretrained(tmp_path)
+    ours = SculptScheduler.from_pretrained(tmp_path)
+    assert ours.config.eta == 1.0
+    assert_same(sample_loop(ours), sample_loop(reference))
+    # saved again, it stays DDPM's sampler
+    ours.save_pretrained(tmp_path / "again")
+    assert SculptScheduler.from_pretrained(tmp_path / "again").config.eta == 1.0
+    explicit = dict(saved_config(reference, tmp_path / "explicit"), eta=0.0)
+    assert SculptScheduler.from_config(explicit).config.eta == 0.0
+
+
 def test_loads_from_ddpm_and_ddim_configs_and_back():
     ddpm_config = DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="fixed_large").config
-    ours = SculptScheduler.from_config(ddpm_config, eta=1.0)
+    ours = SculptScheduler.from_config(ddpm_config)
     assert ours.config.variance_type == "fixed_large" and ours.config.eta == 1.0
     assert_same(sample_loop(ours), sample_loop(DDPMScheduler.from_config(ddpm_config)))
     ddim = DDIMScheduler.from_config(SculptScheduler(timestep_spacing="trailing", clip_sample=False).config)
@@ -385,7 +516,14 @@ def test_hand_written_config_with_unknown_and_missing_keys_loads(tmp_path):
         ({"timestep_spacing": "uniform"}, "timestep_spacing.*trailing"),
         ({"variance_type": "small"}, "variance_type.*fixed_small"),
         ({"eta": 1.5}, "eta"),
+        ({"eta": float("nan")}, "eta"),
         ({"trained_betas": [0.1, 0.2]}, "trained_betas.*num_train_timesteps"),
+        ({"num_train_timesteps": 2, "trained_betas": [0.1, float("nan")]}, "trained_betas.*finite"),
+        ({"beta_start": float("nan")}, "beta_start.*finite"),
+        ({"beta_end": float("inf")}, "beta_end.*finite"),
+        ({"clip_sample_range": float("nan")}, "clip_sample_range.*finite"),
+        ({"dynamic_thresholding_ratio": float("nan")}, "dynamic_thresholding_ratio.*finite"),
+        ({"sample_max_value": float("nan")}, "sample_max_value.*finite"),
     ],
 )
 def test_bad_config_raises(kwargs, match):
@@ -417,14 +555,48 @@ def test_bad_step_arguments_raise():
     t, sample = scheduler.timesteps[0], torch.zeros(SHAPE)
     with pytest.raises(ValueError, match="eta"):
         scheduler.step(sample, t, sample, eta=-0.1)
-    with pytest.raises(ValueError, match="timestep.*set_timesteps"):
-        scheduler.step(sample, 5, sample)
     with pytest.raises(ValueError, match="generator.*variance_noise"):
         scheduler.step(sample, t, sample, eta=1.0, generator=torch.Generator(), variance_noise=sample)
     # a learned variance needs the model's variance channels, but only when noise is added
     with pytest.raises(ValueError, match="variance_type.*twice the channels"):
         scheduler.step(sample, t, sample, eta=1.0)
     assert scheduler.step(sample, t, sample, eta=0.0).prev_sample.shape == SHAPE
+
+
+@pytest.mark.parametrize(
+    "variance_type, model_output_shape",
+    [
+        ("fixed_small", (1, 3, 8, 8)),  # would broadcast over the batch
+        ("fixed_small", (2, 3, 8, 1)),  # would broadcast over the width
+        ("fixed_small", (2, 6, 8, 8)),  # variance channels the config does not read
+        ("learned_range", (2, 5, 8, 8)),
+    ],
+)
+def test_step_refuses_a_model_output_of_another_shape(variance_type, model_output_shape):
+    scheduler = SculptScheduler(variance_type=variance_type, eta=1.0)
+    scheduler.set_timesteps(10)
+    sample = torch.zeros(SHAPE)
+    expected = rf"`model_output` has shape \({', '.join(map(str, model_output_shape))}\) but `sample` has shape"
+    with pytest.raises(ValueError, match=expected + r" \(2, 3, 8, 8\)"):
+        scheduler.step(torch.zeros(model_output_shape), scheduler.timesteps[0], sample)
+
+
+@pytest.mark.parametrize(
+    "timesteps, match",
+    [
+        (torch.tensor([-1, 5]), r"must lie in \[0, 1000\).*\[-1, 5\]"),
+        (torch.tensor([5, 1000]), r"must lie in \[0, 1000\)"),
+        (torch.tensor([1, 2, 3]), r"one timestep per sample \(2\) or one for all, got 3"),
+    ],
+)
+def test_add_noise_and_get_velocity_refuse_bad_timesteps(timesteps, match):
+    # a negative timestep would index abar from the end of the schedule, i.e. almost pure noise
+    scheduler = SculptScheduler()
+    sample = torch.zeros(SHAPE)
+    with pytest.raises(ValueError, match=match):
+        scheduler.add_noise(sample, sample, timesteps)
+    with pytest.raises(ValueError, match=match):
+        scheduler.get_velocity(sample, sample, timesteps)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -334,8 +334,10 @@ def test_interface():
     "kwargs, match",
     [
         ({"solver": "rk4"}, "`solver` must be 'euler' or 'heun'"),
-        ({"shift": 0.0}, "`shift` must be > 0"),
-        ({"shift": -1.0}, "`shift` must be > 0"),
+        ({"shift": 0.0}, "`shift` must be a finite number > 0"),
+        ({"shift": -1.0}, "`shift` must be a finite number > 0"),
+        ({"shift": float("nan")}, "`shift` must be a finite number > 0"),
+        ({"shift": float("inf")}, "`shift` must be a finite number > 0"),
         ({"prediction_type": "epsilon"}, "`prediction_type` of SculptFlowScheduler is always 'flow'"),
         ({"solver": "heun", "stochastic_sampling": True}, "`stochastic_sampling=True` is defined for"),
     ],
@@ -355,6 +357,8 @@ def test_init_errors(kwargs, match):
         ({"sigmas": [1.0, 0.5, 0.5]}, "`sigmas` must be a non-empty, strictly decreasing"),
         ({"sigmas": [1.5, 0.5]}, r"`sigmas` must be .* in \(0, 1.0\]"),
         ({"sigmas": [1.0, 0.0]}, "`sigmas` must be a non-empty"),
+        ({"sigmas": [1.0, float("nan"), 0.5]}, "`sigmas` must be a non-empty"),
+        ({"timesteps": [1000.0, float("nan")]}, "`timesteps` must be a non-empty"),
         ({"timesteps": [500.0, 900.0]}, "`timesteps` must be a non-empty, strictly decreasing"),
         ({"sigmas": [1.0, 0.5], "timesteps": [1000.0]}, "`sigmas` .* and `timesteps` .* must have the same length"),
         ({"sigmas": [1.0, 0.5], "timesteps": [1000.0, 400.0]}, "`timesteps` must equal the shifted `sigmas`"),
@@ -377,6 +381,54 @@ def test_step_errors():
         scheduler.step(sample, 0, sample)
     with pytest.raises(ValueError, match="not its index from `enumerate"):
         scheduler.step(sample, torch.tensor(0), sample)
+
+
+@pytest.mark.parametrize("model_output_shape", [(1, 3, 4, 4), (2, 3, 4, 1), (2, 6, 4, 4)])
+def test_step_refuses_a_model_output_of_another_shape(model_output_shape):
+    # (1, ...) and (..., 1) would broadcast silently
+    scheduler = SculptFlowScheduler()
+    scheduler.set_timesteps(3)
+    sample = torch.randn(SHAPE)
+    expected = rf"`model_output` has shape \({', '.join(map(str, model_output_shape))}\) but `sample` has shape"
+    with pytest.raises(ValueError, match=expected + r" \(2, 3, 4, 4\)"):
+        scheduler.step(torch.zeros(model_output_shape), scheduler.timesteps[0], sample)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_off_grid_step_and_step_past_the_end_raise(solver):
+    scheduler = SculptFlowScheduler(solver=solver)
+    scheduler.set_timesteps(3)
+    sample = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match=r"`timestep` 512.5 is not one of `scheduler.timesteps`"):
+        scheduler.step(sample, torch.tensor(512.5), sample)
+    with pytest.raises(ValueError, match=r"`timestep` 512.5 is not one of `scheduler.timesteps`"):
+        scheduler.scale_noise(sample, torch.tensor([512.5, 512.5]), sample)
+    for t in scheduler.timesteps:
+        sample = scheduler.step(velocity_model(sample, t), t, sample).prev_sample
+    with pytest.raises(ValueError, match=f"All {len(scheduler.timesteps)} calls of the sampling grid are done"):
+        scheduler.step(sample, scheduler.timesteps[-1], sample)
+    # set_timesteps starts a new run
+    scheduler.set_timesteps(3)
+    for t in scheduler.timesteps:
+        sample = scheduler.step(velocity_model(sample, t), t, sample).prev_sample
+    assert torch.isfinite(sample).all()
+
+
+@pytest.mark.parametrize(
+    "timesteps, match",
+    [
+        (torch.tensor([-1.0, 5.0]), r"must lie in \[0, 1000\]"),
+        (torch.tensor([5.0, 1000.5]), r"must lie in \[0, 1000\]"),
+        (torch.tensor([5.0, float("nan")]), r"must lie in \[0, 1000\]"),
+        (torch.tensor([-3, 5]), r"must lie in \[0, 1000\]"),
+        (torch.tensor([1.0, 2.0, 3.0]), r"one timestep per sample \(2\) or one for all, got 3"),
+    ],
+)
+def test_add_noise_refuses_bad_timesteps(timesteps, match):
+    # outside [0, 1000] the straight path would be extrapolated: x_t = 1.0005 eps - 0.0005 x_0 at t = 1000.5
+    x0, noise = make_pair()
+    with pytest.raises(ValueError, match=match):
+        SculptFlowScheduler().add_noise(x0, noise, timesteps)
 
 
 # --- golden numbers -----------------------------------------------------------------------------------------------

@@ -66,22 +66,36 @@ def run_sd_pipeline(components, scheduler, output_type="np", **call_kwargs) -> n
 def test_ddpm_pipeline_with_ddim_settings_matches_ddim(tiny_stock_unet):
     reference = run_ddpm_pipeline(tiny_stock_unet, DDIMScheduler())
     # DDIM's settings include keeping the model's noise after clipping x_0
-    ours = run_ddpm_pipeline(
-        tiny_stock_unet, SculptScheduler.from_config(DDIMScheduler().config, use_clipped_model_output=False)
-    )
+    ours = run_ddpm_pipeline(tiny_stock_unet, SculptScheduler(use_clipped_model_output=False))
     assert ours.shape == (2, 8, 8, 3)
     assert np.allclose(ours, reference, atol=1e-5)
 
 
-def test_ddpm_pipeline_with_eta_one_matches_ddpm(tiny_stock_unet):
-    # (the full 1000-step chain is compared without a pipeline in test_scheduler_sculpt.py)
-    reference_scheduler = DDPMScheduler()
-    reference = run_ddpm_pipeline(tiny_stock_unet, reference_scheduler)
-    ours = run_ddpm_pipeline(tiny_stock_unet, SculptScheduler.from_config(reference_scheduler.config, eta=1.0))
-    assert np.allclose(ours, reference, atol=1e-5)
-    # the test can fail: deterministic DDIM steps give another image
-    ddim_like = run_ddpm_pipeline(tiny_stock_unet, SculptScheduler.from_config(reference_scheduler.config))
-    assert not np.allclose(ddim_like, reference, atol=1e-3)
+@pytest.mark.parametrize("reference_class", [DDPMScheduler, DDIMScheduler])
+def test_swap_from_config_keeps_the_pipelines_sampler(tiny_stock_unet, reference_class):
+    # the README's swap, `SculptScheduler.from_config(pipe.scheduler.config)`, in a 50-step DDPMPipeline loop with the
+    # same generator: DDPM stays ancestral (eta = 1), DDIM stays DDIM (eta = 0, the model's noise kept after clipping)
+    reference_scheduler = reference_class()
+    reference = run_ddpm_pipeline(tiny_stock_unet, reference_scheduler, num_inference_steps=50)
+    ours_scheduler = SculptScheduler.from_config(reference_scheduler.config)
+    ours = run_ddpm_pipeline(tiny_stock_unet, ours_scheduler, num_inference_steps=50)
+    assert ours_scheduler.config.eta == (1.0 if reference_class is DDPMScheduler else 0.0)
+    assert np.abs(ours - reference).max() < 1e-5
+    # the test can fail: the other sampler gives another image
+    other_eta = 0.0 if reference_class is DDPMScheduler else 1.0
+    other = run_ddpm_pipeline(
+        tiny_stock_unet, SculptScheduler.from_config(reference_scheduler.config, eta=other_eta), num_inference_steps=50
+    )
+    assert np.abs(other - reference).max() > 0.1
+
+
+def test_swap_in_a_ddpm_pipeline_loaded_from_a_folder(tiny_stock_unet, tmp_path):
+    DDPMPipeline(unet=tiny_stock_unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path)
+    pipe = DDPMPipeline.from_pretrained(tmp_path)
+    assert pipe.scheduler.config["_class_name"] == "DDPMScheduler"
+    reference = run_ddpm_pipeline(pipe.unet, pipe.scheduler, num_inference_steps=20)
+    ours = run_ddpm_pipeline(pipe.unet, SculptScheduler.from_config(pipe.scheduler.config), num_inference_steps=20)
+    assert np.abs(ours - reference).max() < 1e-5
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])

@@ -13,13 +13,16 @@
 # limitations under the License.
 """DDPM and DDIM in one scheduler: the generalized DDIM step with a single `eta` knob (0 = DDIM, 1 = DDPM)."""
 
+import inspect
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_ddim import betas_for_alpha_bar, rescale_zero_terminal_snr
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler, betas_for_alpha_bar, rescale_zero_terminal_snr
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -29,6 +32,12 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+# The sampler of each reference scheduler, as values of this scheduler's config: what `from_config` gives a config of
+# that scheduler that sets neither key (DDIMScheduler's `step` keeps the model's noise after clipping x_0)
+REFERENCE_SAMPLERS = {
+    DDPMScheduler: {"eta": 1.0},
+    DDIMScheduler: {"eta": 0.0, "use_clipped_model_output": False},
+}
 
 
 @dataclass
@@ -69,11 +78,24 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
     (https://huggingface.co/papers/2006.11239, `eta=1`). With equal settings it reproduces `DDIMScheduler` (eta=0)
     and `DDPMScheduler` (eta=1, same generator) step for step, and it loads from either one's config.
 
-    The previous timestep of a step is the next entry of `self.timesteps` (as `DDPMScheduler.previous_timestep`),
-    not DDIM's `t - num_train_timesteps // num_inference_steps`. The two agree for "leading" spacing and for
-    "trailing" spacing when `num_inference_steps` divides `num_train_timesteps`; elsewhere ("linspace", other
-    "trailing" step counts, custom `timesteps`) DDIM's `t - T // n` is not a point of the grid, so DDIM steps to a
-    noise level that the next step does not start from, while this scheduler always lands on the next grid point.
+    A config keeps its sampler: `from_config` and `from_pretrained` of a config saved by `DDPMScheduler` give `eta=1`
+    (DDPM's ancestral sampler), of one saved by `DDIMScheduler` `eta=0` and `use_clipped_model_output=False` (DDIM's
+    step), so that `pipe.scheduler = SculptScheduler.from_config(pipe.scheduler.config)` does not change the sampler
+    of a `DDPMPipeline`. The saving class is the config's `_class_name` (`save_pretrained` writes it, `from_config`
+    keeps it); a config built in memory has none and is told by its keys (every `__init__` argument of exactly one of
+    the two). An `eta` or `use_clipped_model_output` in the config or among the keyword arguments always wins; any
+    other config gets this class's defaults.
+
+    The previous timestep of a step from an entry of `self.timesteps` is the next entry (as
+    `DDPMScheduler.previous_timestep`), not DDIM's `t - num_train_timesteps // num_inference_steps`. The two agree for
+    "leading" spacing and for "trailing" spacing when `num_inference_steps` divides `num_train_timesteps`; elsewhere
+    ("linspace", other "trailing" step counts, custom `timesteps`) DDIM's `t - T // n` is not a point of the grid, so
+    DDIM steps to a noise level that the next step does not start from, while this scheduler always lands on the next
+    grid point. A step from any other integer timestep in `[0, num_train_timesteps)` lands where `DDIMScheduler`'s
+    lands, on `t - num_train_timesteps // num_inference_steps`, whatever `eta`: `DDPMScheduler` defines no step from
+    off its grid (it raises an IndexError after `set_timesteps`; before it, every integer timestep is on the grid,
+    where its `t - 1` is the next grid point, as here). After custom `timesteps`, which have no step size, off-grid
+    timesteps are refused.
 
     This model inherits from [`SchedulerMixin`] and [`ConfigMixin`]: `from_config`, `save_pretrained` and
     `from_pretrained` come from there.
@@ -122,14 +144,15 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
             `alphas_cumprod[-1]` is 0, as in DDIMScheduler and DDPMScheduler, and stepping from that timestep needs
             `prediction_type="v_prediction"` or `"sample"` (the paper's section 3.2).
         eta (`float`, defaults to 0.0):
-            The weight of the noise of each step, in [0, 1]: 0 is deterministic DDIM, 1 is DDPM's ancestral sampling.
-            `step(eta=...)` overrides it for one call.
+            The weight of the noise of each step, in [0, 1]: 0 is deterministic DDIM, 1 is DDPM's ancestral sampling
+            (the default when loading a `DDPMScheduler` config). `step(eta=...)` overrides it for one call.
         use_clipped_model_output (`bool`, defaults to `True`):
             When x_0 is clipped or thresholded, re-derive the noise from the clipped x_0 so that the step stays on the
             path of the x_0 it moves towards. DDPM's posterior mean does this implicitly; `DDIMScheduler` does not by
             default (its `step(use_clipped_model_output=False)`), and then deterministic sampling with strong
             classifier-free guidance in pixel space saturates. Set `False` to reproduce `DDIMScheduler` step for
-            step; `step(use_clipped_model_output=...)` overrides it for one call.
+            step (the default when loading a `DDIMScheduler` config); `step(use_clipped_model_output=...)` overrides
+            it for one call.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -169,9 +192,20 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"`eta` must be in [0, 1] (0 = DDIM, 1 = DDPM), got {eta}.")
+        for name, value in (
+            ("beta_start", beta_start),
+            ("beta_end", beta_end),
+            ("clip_sample_range", clip_sample_range),
+            ("dynamic_thresholding_ratio", dynamic_thresholding_ratio),
+            ("sample_max_value", sample_max_value),
+        ):
+            if not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value}.")
 
         if trained_betas is not None:
             self.betas = torch.tensor(trained_betas, dtype=torch.float32)
+            if not torch.isfinite(self.betas).all():
+                raise ValueError(f"`trained_betas` must be finite numbers, got {self.betas.tolist()}.")
         elif beta_schedule == "linear":
             self.betas = linear_betas(num_train_timesteps, beta_start, beta_end)
         elif beta_schedule == "scaled_linear":
@@ -201,7 +235,35 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
 
         # settable values; without set_timesteps the chain is all training timesteps, as DDPMScheduler
         self.num_inference_steps = None
+        self.custom_timesteps = False
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
+
+    @classmethod
+    def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs) -> tuple[dict, dict, dict]:
+        """
+        `ConfigMixin.extract_init_dict` (the step of `from_config` and `from_pretrained` that turns a config into
+        `__init__` arguments), plus the sampler of the reference scheduler that saved the config, for the keys that
+        neither the config nor `kwargs` set (see the class docstring), and without DPM-Solver's `variance_type=None`.
+        """
+        init_dict, unused_kwargs, hidden_config_dict = super().extract_init_dict(config_dict, **kwargs)
+        # DPM-Solver's saved configs say `variance_type: null` for a model that predicts no variance: the default here
+        if "variance_type" in init_dict and init_dict["variance_type"] is None:
+            del init_dict["variance_type"]
+        class_name = config_dict.get("_class_name")
+        if class_name is None:
+            # a config built in memory names no class: tell DDPMScheduler's from DDIMScheduler's by their keys
+            saved_by = [
+                reference
+                for reference in REFERENCE_SAMPLERS
+                if inspect.signature(reference.__init__).parameters.keys() - {"self"} <= config_dict.keys()
+            ]
+        else:
+            saved_by = [reference for reference in REFERENCE_SAMPLERS if reference.__name__ == class_name]
+        if len(saved_by) == 1:
+            for key, value in REFERENCE_SAMPLERS[saved_by[0]].items():
+                if key not in config_dict and key not in init_dict:
+                    init_dict[key] = value
+        return init_dict, unused_kwargs, hidden_config_dict
 
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         """
@@ -241,7 +303,8 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("Pass exactly one of `num_inference_steps` and `timesteps` to `set_timesteps`.")
 
-        if timesteps is not None:
+        custom_timesteps = timesteps is not None
+        if custom_timesteps:
             timesteps = np.array(timesteps, dtype=np.int64)
             if timesteps.ndim != 1 or len(timesteps) == 0 or np.any(np.diff(timesteps) >= 0):
                 raise ValueError(
@@ -270,25 +333,45 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
                 timesteps = np.round(np.arange(num_train_timesteps, 0, -step_ratio)).astype(np.int64) - 1
 
         self.num_inference_steps = len(timesteps)
+        self.custom_timesteps = custom_timesteps
         self.timesteps = torch.from_numpy(timesteps.copy()).to(device)
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int | torch.Tensor:
         """
-        The timestep a step from `timestep` lands on: the next entry of `self.timesteps`, -1 after the last one (as
-        `DDPMScheduler.previous_timestep`).
+        The timestep a step from `timestep` lands on: from an entry of `self.timesteps` the next entry, -1 after the
+        last one (as `DDPMScheduler.previous_timestep`); from any other integer timestep `DDIMScheduler`'s
+        `timestep - num_train_timesteps // num_inference_steps` (see the class docstring).
 
         Args:
             timestep (`int` or `torch.Tensor`):
-                A timestep of `self.timesteps`.
+                An integer timestep in `[0, num_train_timesteps)`.
+
+        Returns:
+            `int` or `torch.Tensor`:
+                The previous timestep, a tensor for a tensor `timestep` (as `DDPMScheduler`); negative after the
+                last step.
         """
-        (index,) = (self.timesteps == timestep).nonzero(as_tuple=True)
-        if len(index) == 0:
+        num_train_timesteps = self.config.num_train_timesteps
+        integer_timestep = int(timestep)
+        if integer_timestep != timestep or not 0 <= integer_timestep < num_train_timesteps:
             raise ValueError(
-                f"`timestep` {int(timestep)} is not in `scheduler.timesteps`; step with the timesteps that"
-                " `set_timesteps` produced."
+                f"`timestep` must be an integer in [0, {num_train_timesteps}) (`num_train_timesteps`), got {timestep}."
             )
-        index = index[0].item()
-        return self.timesteps[index + 1] if index + 1 < len(self.timesteps) else -1
+        (index,) = (self.timesteps == integer_timestep).nonzero(as_tuple=True)
+        if len(index) > 0:
+            index = index[0].item()
+            prev_timestep = self.timesteps[index + 1].item() if index + 1 < len(self.timesteps) else -1
+        elif self.custom_timesteps:
+            raise ValueError(
+                f"`timestep` {integer_timestep} is not one of the custom `timesteps` {self.timesteps.tolist()}, which"
+                " have no step size to step from other timesteps: step with the timesteps you passed."
+            )
+        else:
+            # DDIMScheduler's off-grid step
+            prev_timestep = integer_timestep - num_train_timesteps // self.num_inference_steps
+        if isinstance(timestep, torch.Tensor):
+            return torch.tensor(prev_timestep, device=timestep.device)
+        return prev_timestep
 
     # Copied from diffusers.schedulers.scheduling_ddpm.DDPMScheduler._threshold_sample
     def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
@@ -320,16 +403,16 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
 
         return sample
 
-    def _get_noise_variance(
+    def _get_noise_std(
         self,
         posterior_variance: torch.Tensor,
         current_beta_t: torch.Tensor,
         predicted_variance: torch.Tensor | None,
     ) -> torch.Tensor:
         """
-        The variance of the noise an ancestral step adds, before the `eta**2` factor, for `config.variance_type`
-        (DDPM formulas (6)-(7); improved DDPM https://huggingface.co/papers/2102.09672 formula (15) for
-        "learned_range").
+        The standard deviation of the noise an ancestral step adds, before the `eta` factor, for
+        `config.variance_type` (DDPM formulas (6)-(7); improved DDPM https://huggingface.co/papers/2102.09672 formula
+        (15) for "learned_range"), computed as DDPMScheduler computes it.
         """
         variance_type = self.config.variance_type
         if variance_type in ("learned", "learned_range") and predicted_variance is None:
@@ -339,17 +422,19 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
             )
         # log(0) is -inf: beta_tilde is 0 on the last step
         posterior_variance = torch.clamp(posterior_variance, min=1e-20)
-        if variance_type in ("fixed_small", "fixed_small_log"):
-            return posterior_variance
+        if variance_type == "fixed_small":
+            return posterior_variance**0.5
+        if variance_type == "fixed_small_log":
+            return torch.exp(0.5 * torch.log(posterior_variance))
         if variance_type in ("fixed_large", "fixed_large_log"):
             # DDPMScheduler takes the square root of log(beta_t) for "fixed_large_log" (NaN); Glide's "max_log" is the
             # log of this variance
-            return current_beta_t
+            return current_beta_t**0.5
         if variance_type == "learned":
             # diffusers' DDPMScheduler reads this channel as the variance itself (improved-diffusion: its log)
-            return predicted_variance
+            return predicted_variance**0.5
         frac = (predicted_variance + 1) / 2
-        return torch.exp(frac * torch.log(current_beta_t) + (1 - frac) * torch.log(posterior_variance))
+        return torch.exp(0.5 * (frac * torch.log(current_beta_t) + (1 - frac) * torch.log(posterior_variance)))
 
     def step(
         self,
@@ -369,7 +454,8 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
             model_output (`torch.Tensor`):
                 The output of the diffusion model (twice the channels of `sample` for learned variances).
             timestep (`int` or `torch.Tensor`):
-                The current timestep t, an entry of `self.timesteps`.
+                The current timestep t, an entry of `self.timesteps` or any other integer timestep (see the class
+                docstring for where a step from off the grid lands).
             sample (`torch.Tensor`):
                 The current sample x_t.
             eta (`float`, *optional*):
@@ -395,7 +481,7 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
         #
         # Notation (<variable name> -> <name in paper>)
         # - alpha_prod_t -> abar_t (DDPM), alpha_t (DDIM)
-        # - alpha_prod_t_prev -> abar_{t-1}, t-1 being the next entry of self.timesteps
+        # - alpha_prod_t_prev -> abar_{t-1}, t-1 being the next entry of self.timesteps (off the grid t - T // n)
         # - current_alpha_t, current_beta_t -> alpha_t, beta_t of the strided chain: 1 - beta_t = abar_t / abar_{t-1}
         # - posterior_variance -> beta_tilde_t
         # - pred_epsilon -> eps_theta(x_t, t)
@@ -403,6 +489,7 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
         # - eta -> η
         # - eta**2 * posterior_variance -> sigma_t(η)^2
         # - pred_sample_direction -> "direction pointing to x_t"
+        # - pred_original_sample_coeff, current_sample_coeff -> the weights of x_0 and x_t in mu_tilde_t (DDPM (7))
         # - noise_std -> the standard deviation of the added noise, η * sqrt(variance of variance_type)
         # - prev_sample -> x_{t-1}
         eta = self.config.eta if eta is None else eta
@@ -412,12 +499,26 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("Pass `generator` or `variance_noise` to `step`, not both.")
         if use_clipped_model_output is None:
             use_clipped_model_output = self.config.use_clipped_model_output
+        learned_variance = self.config.variance_type in ("learned", "learned_range")
+        if model_output.shape != sample.shape and not (
+            learned_variance and model_output.shape == (sample.shape[0], 2 * sample.shape[1], *sample.shape[2:])
+        ):
+            raise ValueError(
+                f"`model_output` has shape {tuple(model_output.shape)} but `sample` has shape {tuple(sample.shape)}:"
+                " they must be equal"
+                + (
+                    f" (or `model_output` has twice the channels, for `variance_type={self.config.variance_type!r}`)."
+                    if learned_variance
+                    else "."
+                )
+            )
 
-        # 1. get previous step value (the next grid point, "t-1")
-        prev_timestep = self.previous_timestep(timestep)
+        # 1. get previous step value (the next grid point, "t-1"; off the grid DDIM's t - T // n)
+        prev_timestep = int(self.previous_timestep(timestep))
+        timestep = int(timestep)
 
         # 2. compute alphas, betas
-        if self.config.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * sample.shape[1]:
+        if learned_variance and model_output.shape[1] == 2 * sample.shape[1]:
             model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
         else:
             predicted_variance = None
@@ -432,7 +533,7 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
         if self.config.prediction_type == "epsilon":
             if alpha_prod_t == 0:
                 raise ValueError(
-                    f"`timestep` {int(timestep)} has zero signal (`rescale_betas_zero_snr=True`), where x_0 cannot be"
+                    f"`timestep` {timestep} has zero signal (`rescale_betas_zero_snr=True`), where x_0 cannot be"
                     " recovered from a noise prediction: use `prediction_type='v_prediction'`, or a"
                     " `timestep_spacing` that does not start at the last training timestep."
                 )
@@ -456,21 +557,31 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
         # 5. compute variance: "sigma_t(η)^2" of formula (16), η^2 * beta_tilde_t
         posterior_variance = beta_prod_t_prev / beta_prod_t * current_beta_t
 
-        if use_clipped_model_output and (self.config.clip_sample or self.config.thresholding):
-            # the noise consistent with the clipped x_0 (Glide; DDPM's posterior mean uses it implicitly)
+        # the noise consistent with the clipped x_0 (Glide; DDPM's posterior mean uses it implicitly)
+        clips_x_0 = self.config.clip_sample or self.config.thresholding
+        if use_clipped_model_output and clips_x_0:
             pred_epsilon = (sample - alpha_prod_t**0.5 * pred_original_sample) / beta_prod_t**0.5
 
-        # 6. compute "direction pointing to x_t" of formula (12), sqrt(1 - abar_{t-1} - sigma_t^2) * eps, with
-        #   1 - abar_{t-1} - η^2 beta_tilde_t = (1 - η^2)(1 - abar_{t-1}) + η^2 alpha_t (1 - abar_{t-1})^2 / (1 - abar_t)
-        # (exact, as 1 - abar_t - beta_t = alpha_t (1 - abar_{t-1})). The right side avoids beta_t = 1 - abar_t /
-        # abar_{t-1}, whose float32 rounding is ~1e-4 relative when abar_{t-1} -> 1, and never turns negative.
-        deterministic_variance = (1 - eta**2) * beta_prod_t_prev
-        ancestral_variance = eta**2 * current_alpha_t * beta_prod_t_prev**2 / beta_prod_t
-        direction_variance = deterministic_variance + ancestral_variance
-        pred_sample_direction = direction_variance**0.5 * pred_epsilon
+        if eta == 1.0 and (use_clipped_model_output or not clips_x_0):
+            # 6.-7. compute x_{t-1} without "random noise": for η = 1 formula (12) is DDPM's posterior mean
+            # mu_tilde_t(x_t, x_0) (DDPM formula (7)), computed as DDPMScheduler computes it so that chains of any
+            # length agree with it to float32 rounding
+            pred_original_sample_coeff = alpha_prod_t_prev**0.5 * current_beta_t / beta_prod_t
+            current_sample_coeff = current_alpha_t**0.5 * beta_prod_t_prev / beta_prod_t
+            prev_sample = pred_original_sample_coeff * pred_original_sample + current_sample_coeff * sample
+        else:
+            # 6. compute "direction pointing to x_t" of formula (12), sqrt(1 - abar_{t-1} - sigma_t^2) * eps, with
+            #   1 - abar_{t-1} - η^2 beta_tilde_t
+            #     = (1 - η^2)(1 - abar_{t-1}) + η^2 alpha_t (1 - abar_{t-1})^2 / (1 - abar_t)
+            # (exact, as 1 - abar_t - beta_t = alpha_t (1 - abar_{t-1})). The right side avoids beta_t = 1 - abar_t /
+            # abar_{t-1}, whose float32 rounding is ~1e-4 relative when abar_{t-1} -> 1, and never turns negative.
+            deterministic_variance = (1 - eta**2) * beta_prod_t_prev
+            ancestral_variance = eta**2 * current_alpha_t * beta_prod_t_prev**2 / beta_prod_t
+            direction_variance = deterministic_variance + ancestral_variance
+            pred_sample_direction = direction_variance**0.5 * pred_epsilon
 
-        # 7. compute x_{t-1} without "random noise" of formula (12)
-        prev_sample = alpha_prod_t_prev**0.5 * pred_original_sample + pred_sample_direction
+            # 7. compute x_{t-1} without "random noise" of formula (12)
+            prev_sample = alpha_prod_t_prev**0.5 * pred_original_sample + pred_sample_direction
 
         # 8. add noise; none on a step from t = 0 (it returns x_0), as DDPMScheduler, so that a seeded generator is
         # consumed exactly as DDPMScheduler consumes it
@@ -479,7 +590,7 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
                 variance_noise = randn_tensor(
                     model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
                 )
-            noise_std = eta * self._get_noise_variance(posterior_variance, current_beta_t, predicted_variance) ** 0.5
+            noise_std = eta * self._get_noise_std(posterior_variance, current_beta_t, predicted_variance)
             prev_sample = prev_sample + noise_std * variance_noise
 
         if not return_dict:
@@ -499,12 +610,9 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
             noise (`torch.Tensor`):
                 The noise eps, of the shape of `original_samples`.
             timesteps (`torch.IntTensor`):
-                One timestep per sample (or one for all).
+                One timestep per sample (or one for all), in `[0, num_train_timesteps)`.
         """
-        alphas_cumprod = self.alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)
-        alpha_prod_t = alphas_cumprod[timesteps.to(original_samples.device)].flatten()
-        # (N,) -> (N, 1, ..., 1) to broadcast over the sample dimensions
-        alpha_prod_t = alpha_prod_t.reshape(-1, *([1] * (original_samples.ndim - 1)))
+        alpha_prod_t = self._alpha_prod_at(timesteps, original_samples)
         return alpha_prod_t**0.5 * original_samples + (1 - alpha_prod_t) ** 0.5 * noise
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
@@ -518,13 +626,31 @@ class SculptScheduler(SchedulerMixin, ConfigMixin):
             noise (`torch.Tensor`):
                 The noise eps.
             timesteps (`torch.IntTensor`):
-                One timestep per sample (or one for all).
+                One timestep per sample (or one for all), in `[0, num_train_timesteps)`.
         """
-        alphas_cumprod = self.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)
-        alpha_prod_t = alphas_cumprod[timesteps.to(sample.device)].flatten()
-        # (N,) -> (N, 1, ..., 1) to broadcast over the sample dimensions
-        alpha_prod_t = alpha_prod_t.reshape(-1, *([1] * (sample.ndim - 1)))
+        alpha_prod_t = self._alpha_prod_at(timesteps, sample)
         return alpha_prod_t**0.5 * noise - (1 - alpha_prod_t) ** 0.5 * sample
+
+    def _alpha_prod_at(self, timesteps: torch.IntTensor, sample: torch.Tensor) -> torch.Tensor:
+        """
+        abar_t of each timestep, shaped `(N, 1, ..., 1)` to broadcast over `sample`. Timesteps outside the training
+        range are refused: indexing would wrap a negative one around to the end of the schedule.
+        """
+        num_train_timesteps = self.config.num_train_timesteps
+        timesteps = timesteps.to(sample.device)
+        if ((timesteps < 0) | (timesteps >= num_train_timesteps)).any():
+            raise ValueError(
+                f"`timesteps` must lie in [0, {num_train_timesteps}) (`num_train_timesteps`), got {timesteps.tolist()}."
+            )
+        alphas_cumprod = self.alphas_cumprod.to(device=sample.device, dtype=sample.dtype)
+        alpha_prod_t = alphas_cumprod[timesteps].flatten()
+        if len(alpha_prod_t) not in (1, len(sample)):
+            raise ValueError(
+                f"`timesteps` must hold one timestep per sample ({len(sample)}) or one for all, got"
+                f" {len(alpha_prod_t)}."
+            )
+        # (N,) -> (N, 1, ..., 1) to broadcast over the sample dimensions
+        return alpha_prod_t.reshape(-1, *([1] * (sample.ndim - 1)))
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

@@ -13,6 +13,7 @@
 # limitations under the License.
 """Rectified-flow scheduler: Euler and Heun sampling of the flow ODE, and the training-side interpolation."""
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,8 +81,10 @@ class SculptFlowScheduler(SchedulerMixin, ConfigMixin):
             Euler only. Instead of moving along the velocity, predict `x0_hat` and re-noise it to the next time with
             fresh noise, `x_{t'} = (1 - t') * x0_hat + t' * noise`, as `FlowMatchEulerDiscreteScheduler` does.
         prediction_type (`str`, defaults to `"flow"`):
-            Marks the family in saved configs so a pipeline can refuse a scheduler of the wrong family. Fixed: any
-            other value raises (use `SculptScheduler` for `"epsilon"`, `"v_prediction"` or `"sample"` models).
+            Not a choice but the family's mark in saved configs: the config of a DDPM-family scheduler carries
+            `"epsilon"`, `"v_prediction"` or `"sample"` here, and `from_config` of it raises (such models need
+            `SculptScheduler`); diffusers' flow-matching configs have no such key and load. Any value other than
+            `"flow"` raises.
     """
 
     _compatibles = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"]
@@ -97,8 +100,8 @@ class SculptFlowScheduler(SchedulerMixin, ConfigMixin):
     ):
         if solver not in ("euler", "heun"):
             raise ValueError(f"`solver` must be 'euler' or 'heun', got {solver!r}.")
-        if shift <= 0:
-            raise ValueError(f"`shift` must be > 0 (1.0 = no shift, SD3 uses 3.0), got {shift}.")
+        if not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"`shift` must be a finite number > 0 (1.0 = no shift, SD3 uses 3.0), got {shift}.")
         if stochastic_sampling and solver != "euler":
             raise ValueError("`stochastic_sampling=True` is defined for `solver='euler'` only; set one of them back.")
         if prediction_type != "flow":
@@ -120,11 +123,7 @@ class SculptFlowScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = 1.0
 
         self.num_inference_steps = None
-        self._step_index = None
-        self._begin_index = None
-        # Heun's state between its predictor and its corrector call: x_t and v(x_t, t)
-        self._heun_sample = None
-        self._heun_velocity = None
+        self._reset_sampling_state()
 
     @property
     def order(self) -> int:
@@ -263,13 +262,25 @@ class SculptFlowScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = num_inference_steps
         self.timesteps = timesteps
         self.sigmas = sigmas
+        self._reset_sampling_state()
+
+    def _reset_sampling_state(self):
+        """Forget the position in the sampling grid (a new sampling run starts)."""
         self._step_index = None
         self._begin_index = None
+        # Heun's state between its predictor and its corrector call: x_t and v(x_t, t)
         self._heun_sample = None
         self._heun_velocity = None
 
     def _check_grid(self, name: str, grid: np.ndarray, upper: float):
-        if grid.ndim != 1 or len(grid) == 0 or grid[0] > upper or grid[-1] <= 0 or np.any(np.diff(grid) >= 0):
+        if (
+            grid.ndim != 1
+            or len(grid) == 0
+            or not np.all(np.isfinite(grid))
+            or grid[0] > upper
+            or grid[-1] <= 0
+            or np.any(np.diff(grid) >= 0)
+        ):
             raise ValueError(f"`{name}` must be a non-empty, strictly decreasing list in (0, {upper}], got {grid}.")
 
     def index_for_timestep(
@@ -291,6 +302,11 @@ class SculptFlowScheduler(SchedulerMixin, ConfigMixin):
         if schedule_timesteps is None:
             schedule_timesteps = self.timesteps
         indices = (schedule_timesteps == timestep).nonzero()
+        if len(indices) == 0:
+            raise ValueError(
+                f"`timestep` {float(timestep)} is not one of `scheduler.timesteps` {schedule_timesteps.tolist()}:"
+                " a flow scheduler steps along the grid of `set_timesteps`, pass the loop's `t`."
+            )
         # A repeated timestep (Heun, or a pipeline starting mid-schedule) is entered at its second occurrence, as
         # diffusers does, so that a sigma is never skipped.
         position = 1 if len(indices) > 1 else 0
@@ -351,8 +367,17 @@ class SculptFlowScheduler(SchedulerMixin, ConfigMixin):
             )
         if self.num_inference_steps is None:
             raise ValueError("Call `set_timesteps` before `step`.")
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"`model_output` has shape {tuple(model_output.shape)} but `sample` has shape {tuple(sample.shape)}:"
+                " they must be equal."
+            )
         if self.step_index is None:
             self._init_step_index(timestep)
+        if self.step_index >= len(self.timesteps):
+            raise ValueError(
+                f"All {len(self.timesteps)} calls of the sampling grid are done: call `set_timesteps` to sample again."
+            )
 
         # upcast half precision: the update adds a small dt * v to a large x_t (float64 stays float64)
         sample = sample.to(torch.promote_types(sample.dtype, torch.float32))
@@ -409,15 +434,26 @@ class SculptFlowScheduler(SchedulerMixin, ConfigMixin):
             noise (`torch.Tensor`):
                 Noise `eps ~ N(0, I)`, shaped like `original_samples`.
             timesteps (`torch.Tensor`):
-                One model timestep per sample in [0, num_train_timesteps]; float values are used as they are
-                (`t = timesteps / num_train_timesteps`), no lookup in a table.
+                One model timestep per sample (or one for all) in [0, num_train_timesteps]; float values are used as
+                they are (`t = timesteps / num_train_timesteps`), no lookup in a table.
 
         Returns:
             `torch.Tensor`:
                 The noisy samples `x_t`.
         """
-        sigmas = timesteps.to(device=original_samples.device, dtype=original_samples.dtype)
-        sigmas = sigmas / self.config.num_train_timesteps
+        num_train_timesteps = self.config.num_train_timesteps
+        sigmas = timesteps.to(device=original_samples.device, dtype=original_samples.dtype).flatten()
+        # a time outside [0, 1] extrapolates the straight path (NaN fails both comparisons)
+        if not ((sigmas >= 0) & (sigmas <= num_train_timesteps)).all():
+            raise ValueError(
+                f"`timesteps` must lie in [0, {num_train_timesteps}] (`num_train_timesteps`), got {timesteps.tolist()}."
+            )
+        if len(sigmas) not in (1, len(original_samples)):
+            raise ValueError(
+                f"`timesteps` must hold one timestep per sample ({len(original_samples)}) or one for all, got"
+                f" {len(sigmas)}."
+            )
+        sigmas = sigmas / num_train_timesteps
         # (N,) -> (N, 1, ..., 1)
         sigmas = sigmas.reshape(-1, *([1] * (original_samples.ndim - 1)))
         return (1.0 - sigmas) * original_samples + sigmas * noise
