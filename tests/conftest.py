@@ -17,14 +17,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, UNet2DModel  # noqa: E402
+from diffusers import AutoencoderKL, SchedulerMixin, UNet2DModel  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast  # noqa: E402
+
+from sculptdiff import SculptDiT2DModel, SculptPipeline, SculptScheduler, SculptUNet2DModel  # noqa: E402
 
 
 torch.set_num_threads(1)
 
 
+DIGIT_NAMES = {str(index): name for index, name in enumerate(["zero", "one", "two", "three", "four"])}
 WORDS = ["a", "photo", "of", "digit", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -117,3 +120,103 @@ def tiny_stock_unet() -> UNet2DModel:
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
     ).eval()
+
+
+# What the tiny denoisers share: 8x8 grey images, 5 named classes (index 5 is the null class), the noise objective.
+TINY_DENOISER_DATA = {
+    "sample_size": 8,
+    "in_channels": 1,
+    "out_channels": 1,
+    "num_class_embeds": 5,
+    "conditioning_dropout_prob": 0.1,
+    "id2label": DIGIT_NAMES,
+    "prediction_type": "epsilon",
+}
+
+
+def tiny_unet_config(**overrides) -> dict:
+    """The one tiny SculptUNet2DModel of the suite: 2 levels of 8-16 channels, attention at the second, on
+    `TINY_DENOISER_DATA`; `overrides` change or add config keys."""
+    shape = {
+        "block_out_channels": (8, 16),
+        "layers_per_block": 1,
+        "attention_levels": (False, True),
+        "attention_head_dim": 8,
+        "norm_num_groups": 4,
+    }
+    return {**TINY_DENOISER_DATA, **shape, **overrides}
+
+
+def tiny_dit_config(**overrides) -> dict:
+    """The one tiny SculptDiT2DModel of the suite: 1 block of width 16 (2 heads of 8) over 2x2 patches, on
+    `TINY_DENOISER_DATA`; `overrides` change or add config keys."""
+    shape = {"patch_size": 2, "num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8}
+    return {**TINY_DENOISER_DATA, **shape, **overrides}
+
+
+def with_random_zero_parameters(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` in eval mode, with every parameter that starts at zero (the U-Net's ADM-style output layers, the DiT's
+    adaLN-Zero gates and final layer) drawn at random: zero-initialised layers make every prediction zero, and
+    guidance would have nothing to act on (trained weights are not zero)."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.2)
+    return model.eval()
+
+
+def build_tiny_unet(seed: int = 0, **overrides) -> SculptUNet2DModel:
+    """`tiny_unet_config(**overrides)` after `torch.manual_seed(seed)`, `with_random_zero_parameters`: the same seed
+    and overrides give the same weights."""
+    torch.manual_seed(seed)
+    return with_random_zero_parameters(SculptUNet2DModel(**tiny_unet_config(**overrides)))
+
+
+def build_tiny_dit(seed: int = 0, **overrides) -> SculptDiT2DModel:
+    """`tiny_dit_config(**overrides)` after `torch.manual_seed(seed)`, `with_random_zero_parameters`."""
+    torch.manual_seed(seed)
+    return with_random_zero_parameters(SculptDiT2DModel(**tiny_dit_config(**overrides)))
+
+
+def build_tiny_pipeline(
+    seed: int = 0,
+    scheduler: SchedulerMixin | None = None,
+    text_encoder: CLIPTextModel | None = None,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    vae: AutoencoderKL | None = None,
+    backbone: str = "unet",
+    **denoiser_overrides,
+) -> SculptPipeline:
+    """A SculptPipeline around `build_tiny_unet(seed, **denoiser_overrides)` (or, with `backbone="dit"`, around
+    `build_tiny_dit(seed, **denoiser_overrides)` as its `transformer`), with a default SculptScheduler unless
+    `scheduler` is given, and no progress bar."""
+    if backbone == "dit":
+        denoiser = {"transformer": build_tiny_dit(seed, **denoiser_overrides)}
+    else:
+        denoiser = {"unet": build_tiny_unet(seed, **denoiser_overrides)}
+    pipe = SculptPipeline(
+        **denoiser,
+        scheduler=SculptScheduler() if scheduler is None else scheduler,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        vae=vae,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# Test modules reach the builders through these fixtures: `from conftest import ...` would find whichever conftest
+# module was imported last (tests/hub has its own), since pytest imports each conftest.py as `conftest`.
+@pytest.fixture(name="build_tiny_unet")
+def build_tiny_unet_fixture():
+    return build_tiny_unet
+
+
+@pytest.fixture(name="build_tiny_dit")
+def build_tiny_dit_fixture():
+    return build_tiny_dit
+
+
+@pytest.fixture(name="build_tiny_pipeline")
+def build_tiny_pipeline_fixture():
+    return build_tiny_pipeline

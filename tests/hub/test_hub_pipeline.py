@@ -24,10 +24,9 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:The `local_dir_use_symlinks` argument is deprecated and ignored in `hf_hub_download`:UserWarning"
 )
 
-DIGITS = {str(index): name for index, name in enumerate(["zero", "one", "two", "three", "four"])}
-
-# Loads a pipeline from the Hub in a fresh process and saves its images: argv = loader, repo id, output .npy,
-# torch threads (the parent's, so that both processes add up in the same order).
+# Loads a pipeline from the Hub (or a folder) in a fresh process and saves its images: argv = loader, repo id or
+# folder, output .npy, torch threads (the parent's, so that both processes add up in the same order); prints the
+# modules the pipeline, its denoiser and its scheduler came from.
 LOAD_AND_SAMPLE = """
 import sys
 
@@ -57,34 +56,8 @@ images = pipe(
     output_type="np",
 ).images
 np.save(output, images)
-print(type(pipe).__module__, type(pipe).__name__, type(pipe.unet).__module__, type(pipe.scheduler).__module__)
+print(type(pipe).__module__, type(pipe).__name__, type(pipe.denoiser).__module__, type(pipe.scheduler).__module__)
 """
-
-
-def make_pipeline(seed: int = 0) -> SculptPipeline:
-    torch.manual_seed(seed)
-    unet = SculptUNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        attention_levels=(False, True),
-        attention_head_dim=8,
-        norm_num_groups=4,
-        num_class_embeds=5,
-        conditioning_dropout_prob=0.1,
-        id2label=DIGITS,
-        prediction_type="epsilon",
-    ).eval()
-    # The output layer starts at zero; give it weights so that the images depend on the whole network.
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            if parameter.abs().sum() == 0 and parameter.dim() > 1:
-                parameter.normal_(0, 0.2)
-    pipe = SculptPipeline(unet=unet, scheduler=SculptScheduler(num_train_timesteps=100))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def sample(pipe) -> np.ndarray:
@@ -115,8 +88,8 @@ def local_reference(pipe: SculptPipeline, folder) -> np.ndarray:
     return sample(SculptPipeline.from_pretrained(folder))
 
 
-def test_push_to_hub_then_load_in_fresh_process_and_offline(hub, tmp_path, monkeypatch):
-    pipe = make_pipeline()
+def test_push_to_hub_then_load_in_fresh_process_and_offline(hub, tmp_path, monkeypatch, build_tiny_pipeline):
+    pipe = build_tiny_pipeline()
     pipe.push_to_hub("ns/sculpt")
     expected = local_reference(pipe, tmp_path / "local")
 
@@ -139,8 +112,8 @@ def test_push_to_hub_then_load_in_fresh_process_and_offline(hub, tmp_path, monke
     np.testing.assert_array_equal(sample(SculptPipeline.from_pretrained("ns/sculpt")), expected)
 
 
-def test_diffusion_pipeline_trust_remote_code_without_sculptdiff(hub, tmp_path):
-    pipe = make_pipeline()
+def test_diffusion_pipeline_trust_remote_code_without_sculptdiff(hub, tmp_path, build_tiny_pipeline):
+    pipe = build_tiny_pipeline()
     pipe.push_to_hub("ns/sculpt-remote")
     expected = local_reference(pipe, tmp_path / "local")
 
@@ -152,12 +125,43 @@ def test_diffusion_pipeline_trust_remote_code_without_sculptdiff(hub, tmp_path):
     assert not any(module.startswith("sculptdiff") for module in (pipeline_module, unet_module, scheduler_module))
 
 
-def test_save_pretrained_push_and_revision_pinning(hub, tmp_path):
+@pytest.mark.parametrize("source", ["folder", "repo"])
+@pytest.mark.parametrize("loader", ["sculptdiff", "remote-code"])
+def test_both_doors_load_a_dit_pipeline_in_a_fresh_process(hub, tmp_path, loader, source, build_tiny_pipeline):
+    # the denoiser is a SculptDiT2DModel registered as `transformer`, with its code file beside its weights
+    pipe = build_tiny_pipeline(backbone="dit", scheduler=SculptScheduler(num_train_timesteps=100))
+    pipe.push_to_hub("ns/sculpt-dit")
+    expected = local_reference(pipe, tmp_path / "local")
+    repo_files = set(HfApi().list_repo_files("ns/sculpt-dit"))
+    assert {
+        "model_index.json",
+        "pipeline_sculpt.py",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "transformer/sculptdiff.models.transformers.dit_sculpt.py",
+        "scheduler/scheduler_config.json",
+    } <= repo_files
+    assert not any(path.startswith("unet/") for path in repo_files)
+
+    source = str(tmp_path / "local") if source == "folder" else "ns/sculpt-dit"
+    images, loaded = load_and_sample_in_fresh_process(hub, tmp_path, loader, source)
+    np.testing.assert_array_equal(images, expected)
+    pipeline_module, pipeline_class, transformer_module, scheduler_module = loaded.split()
+    assert pipeline_class == "SculptPipeline"
+    if loader == "sculptdiff":
+        assert transformer_module == "sculptdiff.models.transformers.dit_sculpt"
+    else:
+        # the class came from the code file beside the weights, through diffusers' dynamic modules
+        assert not any(module.startswith("sculptdiff") for module in (pipeline_module, transformer_module))
+        assert transformer_module.endswith("sculptdiff.models.transformers.dit_sculpt")
+
+
+def test_save_pretrained_push_and_revision_pinning(hub, tmp_path, build_tiny_pipeline):
     folder = tmp_path / "output"
-    first_pipe = make_pipeline(seed=0)
+    first_pipe = build_tiny_pipeline(seed=0)
     first_pipe.save_pretrained(folder, push_to_hub=True, repo_id="ns/versions")
     first_commit = HfApi().model_info("ns/versions").sha
-    second_pipe = make_pipeline(seed=1)
+    second_pipe = build_tiny_pipeline(seed=1)
     second_pipe.save_pretrained(folder, push_to_hub=True, repo_id="ns/versions")
     second_commit = HfApi().model_info("ns/versions").sha
     assert first_commit != second_commit
@@ -170,8 +174,9 @@ def test_save_pretrained_push_and_revision_pinning(hub, tmp_path):
     assert "sculptdiff" in ModelCard.load("ns/versions").data.tags
 
 
-def test_components_push_and_subfolder_loads(hub):
-    pipe = make_pipeline()
+def test_components_push_and_subfolder_loads(hub, build_tiny_pipeline):
+    # a scheduler setting other than the default, to see it travel
+    pipe = build_tiny_pipeline(scheduler=SculptScheduler(num_train_timesteps=100))
     pipe.unet.push_to_hub("ns/unet-only")
     pipe.scheduler.push_to_hub("ns/scheduler-only")
     pipe.push_to_hub("ns/whole")
@@ -180,7 +185,7 @@ def test_components_push_and_subfolder_loads(hub):
         SculptUNet2DModel.from_pretrained("ns/unet-only"),
         SculptUNet2DModel.from_pretrained("ns/whole", subfolder="unet"),
     ):
-        assert {str(index): name for index, name in unet.config.id2label.items()} == DIGITS
+        assert unet.config.id2label == pipe.unet.config.id2label
         for name, tensor in pipe.unet.state_dict().items():
             assert torch.equal(unet.state_dict()[name], tensor), name
     for scheduler in (
@@ -210,12 +215,15 @@ def test_scheduler_from_hub_swapped_into_stock_ddpm_pipeline(hub, tiny_stock_une
     assert not np.array_equal(images, ddpm_images(SculptScheduler(num_train_timesteps=100, eta=0.0)))
 
 
-def test_missing_repo_revision_and_file(hub):
-    with pytest.raises(RepositoryNotFoundError):
+def test_missing_repo_revision_and_file(hub, build_tiny_pipeline):
+    # diffusers' download (as for any pipeline) falls back to the cache and raises OSError from the Hub's typed error
+    with pytest.raises(OSError, match="Cannot load model ns/absent") as error:
         SculptPipeline.from_pretrained("ns/absent")
-    make_pipeline().push_to_hub("ns/present")
-    with pytest.raises(RevisionNotFoundError):
+    assert isinstance(error.value.__cause__, RepositoryNotFoundError)
+    build_tiny_pipeline().push_to_hub("ns/present")
+    with pytest.raises(OSError, match="Cannot load model ns/present") as error:
         SculptPipeline.from_pretrained("ns/present", revision="no-such-branch")
+    assert isinstance(error.value.__cause__, RevisionNotFoundError)
     HfApi().create_repo("ns/empty")
     with pytest.raises(RemoteEntryNotFoundError):
         SculptPipeline.from_pretrained("ns/empty")
@@ -223,3 +231,60 @@ def test_missing_repo_revision_and_file(hub):
         SculptUNet2DModel.from_pretrained("ns/absent")
     with pytest.raises(OSError, match="config.json"):
         SculptUNet2DModel.from_pretrained("ns/present", subfolder="no-such-folder")
+
+
+def test_push_uploads_only_what_the_pipeline_owns(hub, tmp_path, build_tiny_pipeline):
+    """A training output folder also holds checkpoints, logs, secrets and staging folders: none of it leaves."""
+    folder = tmp_path / "output"
+    for path, content in {
+        "checkpoint-10/optimizer.bin": b"optimizer state",
+        "checkpoint-10/random_states_0.pkl": b"rng",
+        "logs/events.out.tfevents": b"events",
+        ".env": b"HF_TOKEN=hf_secret",
+        # save_pretrained rewrites the component folders whole: a stray file in one does not survive to the upload
+        "unet/.env": b"HF_TOKEN=hf_secret",
+        ".tmp-save-abc/unet/config.json": b"{}",
+        ".checkpoint-20.staging/model.safetensors": b"partial",
+        "unet.old-123/config.json": b"{}",
+        "notes.txt": b"private notes",
+    }.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_bytes(content)
+    pipe = build_tiny_pipeline()
+    assert pipe.hub_allow_patterns() == [
+        "model_index.json",
+        "pipeline_sculpt.py",
+        "README.md",
+        "unet/*",
+        "scheduler/*",
+    ]
+
+    pipe.save_pretrained(folder, push_to_hub=True, repo_id="ns/clean")
+    owned = {
+        "model_index.json",
+        "pipeline_sculpt.py",
+        "README.md",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/sculptdiff.models.unet_sculpt.py",
+        "scheduler/scheduler_config.json",
+        "scheduler/sculptdiff.schedulers.scheduling_sculpt.py",
+    }
+    # the server adds .gitattributes to every new repo, as the Hub does
+    assert set(HfApi().list_repo_files("ns/clean")) == owned | {".gitattributes"}
+    np.testing.assert_array_equal(sample(SculptPipeline.from_pretrained("ns/clean")), sample(pipe))
+
+    # push_to_hub (diffusers' path, through a temporary folder) keeps to the same list
+    pipe.push_to_hub("ns/clean-direct")
+    assert set(HfApi().list_repo_files("ns/clean-direct")) == owned | {".gitattributes"}
+
+
+def test_pickle_only_repo_loads_tensors_only(hub, tmp_path, build_tiny_pipeline):
+    pipe = build_tiny_pipeline()
+    pipe.push_to_hub("ns/pickled", safe_serialization=False)
+    assert "unet/diffusion_pytorch_model.bin" in HfApi().list_repo_files("ns/pickled")
+    # use_safetensors=None: diffusers' download fetches the .bin, read with torch.load(weights_only=True)
+    np.testing.assert_array_equal(sample(SculptPipeline.from_pretrained("ns/pickled")), sample(pipe))
+    # use_safetensors=True stays strict (diffusers' own refusal, before anything is downloaded)
+    with pytest.raises(OSError, match="Could not find the necessary `safetensors` weights"):
+        SculptPipeline.from_pretrained("ns/pickled", use_safetensors=True)

@@ -11,10 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from diffusers import DDPMPipeline, DDPMScheduler
-
-from sculptdiff import SculptPipeline, SculptScheduler, SculptUNet2DModel
 
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -62,32 +59,23 @@ def test_every_readme_snippet_is_checked():
         assert sum(key in code for key in CHECKS) == 1, code
 
 
-def with_random_output_layer(unet: SculptUNet2DModel) -> SculptUNet2DModel:
-    # the zero-initialised output layer would make every image the same; trained weights are not zero
-    torch.nn.init.normal_(unet.conv_out.weight, std=0.2)
-    return unet.eval()
-
-
 @pytest.fixture
-def user_folder(hub, tmp_path, tiny_text_encoder, tiny_tokenizer, tiny_stock_unet) -> Path:
+def user_folder(hub, tmp_path, build_tiny_pipeline, tiny_text_encoder, tiny_tokenizer, tiny_stock_unet) -> Path:
     """The working folder of a user who ran the main job and a caption run, with a DDPM model on the Hub."""
-    torch.manual_seed(0)
-    digits = [str(index) for index in range(10)]
-    unet_config = {"sample_size": 8, "block_out_channels": (8, 16), "layers_per_block": 1, "norm_num_groups": 4}
-    unet_config.update({"attention_levels": (False, True), "attention_head_dim": 8, "conditioning_dropout_prob": 0.1})
-    class_unet = SculptUNet2DModel(
-        **unet_config, in_channels=1, out_channels=1, num_class_embeds=10, id2label=dict(enumerate(digits))
-    )
-    SculptPipeline(unet=with_random_output_layer(class_unet), scheduler=SculptScheduler()).save_pretrained(
-        tmp_path / "sculpt-digits"
-    )
-    text_unet = SculptUNet2DModel(**unet_config, in_channels=3, out_channels=3, cross_attention_dim=32)
-    SculptPipeline(
-        unet=with_random_output_layer(text_unet),
-        scheduler=SculptScheduler(),
+    # the README's digits model: ten classes named "0" to "9"
+    digits = build_tiny_pipeline(num_class_embeds=10, id2label={index: str(index) for index in range(10)})
+    digits.save_pretrained(tmp_path / "sculpt-digits")
+    # the caption run: RGB images conditioned on text through cross-attention
+    captions = build_tiny_pipeline(
         text_encoder=tiny_text_encoder,
         tokenizer=tiny_tokenizer,
-    ).save_pretrained(tmp_path / "sculpt-captions")
+        in_channels=3,
+        out_channels=3,
+        num_class_embeds=None,
+        id2label=None,
+        cross_attention_dim=32,
+    )
+    captions.save_pretrained(tmp_path / "sculpt-captions")
 
     DDPMPipeline(unet=tiny_stock_unet, scheduler=DDPMScheduler()).push_to_hub("google/ddpm-cifar10-32")
     return tmp_path

@@ -4,46 +4,31 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline
 
-from sculptdiff.models.unet_sculpt import SculptUNet2DModel
 
-
-def build_unet(**config) -> SculptUNet2DModel:
-    """A tiny U-Net whose zero-initialised layers are drawn at random, so that its prediction is not zero."""
-    torch.manual_seed(0)
-    unet = SculptUNet2DModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        attention_levels=(False, True),
-        attention_head_dim=8,
-        norm_num_groups=4,
-        **config,
-    )
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            if not parameter.any():
-                parameter.normal_(std=0.2)
-    return unet.eval()
-
-
-def test_ddpm_pipeline_with_sculpt_unet():
-    unet = build_unet(sample_size=8, in_channels=3, out_channels=3)
-    pipeline = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
+def test_ddpm_pipeline_with_sculpt_unet(build_tiny_unet):
+    # DDPMPipeline calls unet(sample, t): an unconditional RGB model
+    unet = build_tiny_unet(in_channels=3, out_channels=3, num_class_embeds=None, id2label=None)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    pipeline = DDPMPipeline(unet=unet, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
 
     images = pipeline(
         batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
-    )
-    repeated = pipeline(
-        batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
-    )
+    ).images
 
-    assert images.images.shape == (2, 8, 8, 3)
-    assert np.isfinite(images.images).all()
-    np.testing.assert_array_equal(images.images, repeated.images)
+    # DDPMPipeline's loop written out: our prediction goes to the scheduler as diffusers' UNet2DModel's would
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn((2, 3, 8, 8), generator=generator)
+    scheduler.set_timesteps(2)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            sample = scheduler.step(unet(sample, t).sample, t, sample, generator=generator).prev_sample
+    expected = (sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert images.shape == (2, 8, 8, 3)
+    np.testing.assert_allclose(images, expected, atol=1e-6)
 
 
-def build_stable_diffusion(tokenizer, text_encoder, vae) -> StableDiffusionPipeline:
-    unet = build_unet(sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=32)
+def build_stable_diffusion(unet, tokenizer, text_encoder, vae) -> StableDiffusionPipeline:
     # Stable Diffusion's scheduler settings
     scheduler = DDIMScheduler(
         beta_start=0.00085,
@@ -67,8 +52,10 @@ def build_stable_diffusion(tokenizer, text_encoder, vae) -> StableDiffusionPipel
     return pipeline
 
 
-def test_stable_diffusion_pipeline_with_sculpt_unet(tiny_tokenizer, tiny_text_encoder, tiny_vae):
-    pipeline = build_stable_diffusion(tiny_tokenizer, tiny_text_encoder, tiny_vae)
+def test_stable_diffusion_pipeline_with_sculpt_unet(build_tiny_unet, tiny_tokenizer, tiny_text_encoder, tiny_vae):
+    # Stable Diffusion's U-Net: the VAE's 4 latent channels, text through cross-attention, no classes
+    unet = build_tiny_unet(in_channels=4, out_channels=4, num_class_embeds=None, id2label=None, cross_attention_dim=32)
+    pipeline = build_stable_diffusion(unet, tiny_tokenizer, tiny_text_encoder, tiny_vae)
     assert pipeline.vae_scale_factor == 2
 
     def generate(prompt: str, guidance_scale: float) -> np.ndarray:

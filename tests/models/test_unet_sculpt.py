@@ -3,37 +3,12 @@ import json
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from safetensors.torch import load_file, save_file
 
 from sculptdiff.models.unet_sculpt import LabelEmbedder, SculptUNet2DModel, SculptUNet2DOutput
 
 
-def tiny_config(**overrides) -> dict:
-    config = {
-        "sample_size": 8,
-        "in_channels": 3,
-        "out_channels": 3,
-        "block_out_channels": (8, 16),
-        "layers_per_block": 1,
-        "attention_levels": (False, True),
-        "attention_head_dim": 8,
-        "norm_num_groups": 4,
-    }
-    config.update(overrides)
-    return config
-
-
-def build_model(**overrides) -> SculptUNet2DModel:
-    """A tiny model whose zero-initialised layers (ADM's zero_module) are drawn at random, so every layer matters."""
-    torch.manual_seed(0)
-    model = SculptUNet2DModel(**tiny_config(**overrides))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if not parameter.any():
-                parameter.normal_(std=0.2)
-    return model.eval()
-
-
-def make_inputs(batch_size: int = 2, channels: int = 3, height: int = 8, width: int = 8, seed: int = 1):
+def make_inputs(batch_size: int = 2, channels: int = 1, height: int = 8, width: int = 8, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randn(batch_size, channels, height, width, generator=generator)
     timestep = torch.tensor([10, 700])[:batch_size]
@@ -53,14 +28,15 @@ def make_text(batch_size: int = 2, sequence_length: int = 5, width: int = 12, se
         ({"block_out_channels": (8,), "attention_levels": (False,)}, {}),
         ({"attention_levels": (False, False)}, {}),
         ({"block_out_channels": (8, 16, 16), "layers_per_block": 2, "attention_levels": (True, True, True)}, {}),
-        ({"num_class_embeds": 3}, {"class_labels": torch.tensor([0, 2])}),
+        ({}, {"class_labels": torch.tensor([0, 2])}),
+        ({"num_class_embeds": None, "id2label": None}, {}),
         ({"cross_attention_dim": 12}, {"encoder_hidden_states": make_text()}),
-        ({"in_channels": 4, "out_channels": 2, "num_class_embeds": 3, "cross_attention_dim": 12}, {}),
+        ({"in_channels": 4, "out_channels": 2, "cross_attention_dim": 12}, {}),
     ],
 )
 @pytest.mark.parametrize("height, width", [(8, 8), (4, 12)])
-def test_output_shape(overrides, conditioning, height, width):
-    model = build_model(**overrides)
+def test_output_shape(overrides, conditioning, height, width, build_tiny_unet):
+    model = build_tiny_unet(**overrides)
     sample, timestep = make_inputs(channels=model.config.in_channels, height=height, width=width)
     if model.config.cross_attention_dim is not None:
         conditioning = {"encoder_hidden_states": make_text(), **conditioning}
@@ -73,10 +49,10 @@ def test_output_shape(overrides, conditioning, height, width):
     assert model(sample, timestep, return_dict=False, **conditioning)[0].shape == output.sample.shape
 
 
-def test_zero_initialised_model_predicts_zero():
+def test_zero_initialised_model_predicts_zero(build_tiny_unet):
     # ADM: the output conv, the last conv of every residual block and every attention output start at zero
-    torch.manual_seed(0)
-    model = SculptUNet2DModel(**tiny_config(cross_attention_dim=12, num_class_embeds=3))
+    # (from_config builds the tiny U-Net's architecture afresh, without the builder's random draws)
+    model = SculptUNet2DModel.from_config(build_tiny_unet(cross_attention_dim=12).config)
     sample, timestep = make_inputs()
     for name, parameter in model.named_parameters():
         if name.endswith(("conv2.weight", "to_out.0.weight")) or name.startswith("conv_out"):
@@ -85,8 +61,8 @@ def test_zero_initialised_model_predicts_zero():
     assert torch.equal(output, torch.zeros_like(output))
 
 
-def test_skip_connections_and_time_embedding_reach_the_output():
-    model = build_model()
+def test_skip_connections_and_time_embedding_reach_the_output(build_tiny_unet):
+    model = build_tiny_unet()
     sample, timestep = make_inputs()
     reference = model(sample, timestep).sample
     # a later timestep changes the prediction: the time embedding enters the blocks
@@ -97,16 +73,32 @@ def test_skip_connections_and_time_embedding_reach_the_output():
     assert not torch.allclose(model(perturbed, timestep).sample[:, :, 0, 0], reference[:, :, 0, 0])
 
 
-def test_determinism_same_seed_same_output():
-    sample, timestep = make_inputs()
-    first = build_model(num_class_embeds=3)(sample, timestep, class_labels=torch.tensor([1, 2])).sample
-    second = build_model(num_class_embeds=3)(sample, timestep, class_labels=torch.tensor([1, 2])).sample
-    assert torch.equal(first, second)
+def test_each_sample_is_computed_independently_of_its_batch(build_tiny_unet):
+    # each image's timestep, label and text reach that image alone, and nothing (a norm, the attention) mixes the
+    # batch: the pipeline's guided batch [uncond, cond] and a batch of mixed classes rely on it
+    model = build_tiny_unet(cross_attention_dim=12)
+    sample, _ = make_inputs(batch_size=3)
+    timestep = torch.tensor([10, 700, 300])
+    labels = torch.tensor([0, 4, 5])
+    text = make_text(batch_size=3)
+    with torch.no_grad():
+        batched = model(sample, timestep, encoder_hidden_states=text, class_labels=labels).sample
+        for index in range(3):
+            alone = model(
+                sample[index : index + 1],
+                timestep[index : index + 1],
+                encoder_hidden_states=text[index : index + 1],
+                class_labels=labels[index : index + 1],
+            ).sample
+            torch.testing.assert_close(batched[index : index + 1], alone, rtol=1e-5, atol=1e-5)
+    # the three images differ: each entry of timestep, label and text was read
+    assert not torch.allclose(batched[0], batched[1]) and not torch.allclose(batched[1], batched[2])
 
 
-def test_golden_numbers():
-    model = build_model(num_class_embeds=3, cross_attention_dim=12)
-    sample, timestep = make_inputs()
+def test_golden_numbers(build_tiny_unet):
+    # the shape these numbers were pinned on (RGB, 3 classes, text), kept so that they stay comparable
+    model = build_tiny_unet(in_channels=3, out_channels=3, num_class_embeds=3, id2label=None, cross_attention_dim=12)
+    sample, timestep = make_inputs(channels=3)
     with torch.no_grad():
         output = model(sample, timestep, encoder_hidden_states=make_text(), class_labels=torch.tensor([0, 3])).sample
     expected = torch.tensor(GOLDEN_SLICE)
@@ -123,30 +115,30 @@ GOLDEN_SLICE = [0.500952, 0.469951, -0.057881, -0.580545, -0.430706, -0.032686, 
 @pytest.mark.parametrize(
     "timestep", [10, 10.0, torch.tensor(10), torch.tensor([10]), torch.tensor([10, 10]), torch.tensor(10.0)]
 )
-def test_timestep_forms_broadcast_to_the_batch(timestep):
-    model = build_model()
+def test_timestep_forms_broadcast_to_the_batch(timestep, build_tiny_unet):
+    model = build_tiny_unet()
     sample, _ = make_inputs()
     expected = model(sample, torch.tensor([10, 10])).sample
     torch.testing.assert_close(model(sample, timestep).sample, expected)
 
 
-def test_float_timesteps_are_not_rounded():
+def test_float_timesteps_are_not_rounded(build_tiny_unet):
     # flow-matching schedulers pass sigma * num_train_timesteps
-    model = build_model()
+    model = build_tiny_unet()
     sample, _ = make_inputs()
     assert not torch.allclose(model(sample, 10.25).sample, model(sample, 10).sample)
 
 
-def test_timestep_of_wrong_length_is_rejected():
-    model = build_model()
+def test_timestep_of_wrong_length_is_rejected(build_tiny_unet):
+    model = build_tiny_unet()
     sample, _ = make_inputs()
     with pytest.raises(ValueError, match="timestep"):
         model(sample, torch.tensor([1, 2, 3]))
 
 
 @pytest.mark.parametrize("height, width", [(6, 8), (8, 10)])
-def test_spatial_size_must_be_a_multiple_of_the_downsampling_factor(height, width):
-    model = build_model(block_out_channels=(8, 16, 16), attention_levels=(False, False, True))
+def test_spatial_size_must_be_a_multiple_of_the_downsampling_factor(height, width, build_tiny_unet):
+    model = build_tiny_unet(block_out_channels=(8, 16, 16), attention_levels=(False, False, True))
     sample, timestep = make_inputs(height=height, width=width)
     with pytest.raises(ValueError, match=rf"\({height}, {width}\).*multiples of 4"):
         model(sample, timestep)
@@ -163,25 +155,21 @@ def test_spatial_size_must_be_a_multiple_of_the_downsampling_factor(height, widt
         ({"conditioning_dropout_prob": 1.0}, "conditioning_dropout_prob"),
     ],
 )
-def test_bad_config_is_rejected(overrides, match):
+def test_bad_config_is_rejected(overrides, match, build_tiny_unet):
+    config = build_tiny_unet().config
     with pytest.raises(ValueError, match=match):
-        SculptUNet2DModel(**tiny_config(**overrides))
-
-
-@pytest.mark.parametrize("prediction_type", [None, "epsilon", "v_prediction", "sample", "flow"])
-def test_prediction_type_is_stored(prediction_type):
-    assert SculptUNet2DModel(**tiny_config(prediction_type=prediction_type)).config.prediction_type == prediction_type
+        SculptUNet2DModel.from_config(config, **overrides)
 
 
 # ---------------------------------------------------------------- class conditioning
 
 
-def test_class_table_has_a_null_row_used_for_missing_labels():
-    model = build_model(num_class_embeds=3)
-    assert model.class_embedding.embedding_table.num_embeddings == 4
+def test_class_table_has_a_null_row_used_for_missing_labels(build_tiny_unet):
+    model = build_tiny_unet()
+    assert model.class_embedding.embedding_table.num_embeddings == 6
     sample, timestep = make_inputs()
     null_output = model(sample, timestep).sample
-    torch.testing.assert_close(model(sample, timestep, class_labels=torch.tensor([3, 3])).sample, null_output)
+    torch.testing.assert_close(model(sample, timestep, class_labels=torch.tensor([5, 5])).sample, null_output)
     assert not torch.allclose(model(sample, timestep, class_labels=torch.tensor([0, 0])).sample, null_output)
     # a single label broadcasts to the batch
     torch.testing.assert_close(
@@ -190,16 +178,16 @@ def test_class_table_has_a_null_row_used_for_missing_labels():
     )
 
 
-@pytest.mark.parametrize("labels", [[-1, 0], [0, 4], [0.0, 1.0], [0, 1, 2]])
-def test_bad_class_labels_are_rejected(labels):
-    model = build_model(num_class_embeds=3)
+@pytest.mark.parametrize("labels", [[-1, 0], [0, 6], [0.0, 1.0], [0, 1, 2]])
+def test_bad_class_labels_are_rejected(labels, build_tiny_unet):
+    model = build_tiny_unet()
     sample, timestep = make_inputs()
     with pytest.raises(ValueError, match="class_labels"):
         model(sample, timestep, class_labels=torch.tensor(labels))
 
 
-def test_class_labels_on_an_unconditional_model_are_rejected():
-    model = build_model()
+def test_class_labels_on_an_unconditional_model_are_rejected(build_tiny_unet):
+    model = build_tiny_unet(num_class_embeds=None, id2label=None)
     sample, timestep = make_inputs()
     with pytest.raises(ValueError, match="class_labels.*num_class_embeds"):
         model(sample, timestep, class_labels=torch.tensor([0, 1]))
@@ -215,8 +203,8 @@ def test_token_drop_replaces_labels_by_the_null_class():
     assert 0.25 < is_null.float().mean() < 0.35
 
 
-def test_conditioning_dropout_only_in_training_mode():
-    model = build_model(num_class_embeds=3, conditioning_dropout_prob=0.5)
+def test_conditioning_dropout_only_in_training_mode(build_tiny_unet):
+    model = build_tiny_unet(conditioning_dropout_prob=0.5)
     sample, timestep = make_inputs(batch_size=1)
     sample, timestep = sample.repeat(32, 1, 1, 1), timestep.repeat(32)
     labels = torch.full((32,), 1)
@@ -236,8 +224,8 @@ def test_conditioning_dropout_only_in_training_mode():
     torch.testing.assert_close(model(sample, timestep, class_labels=labels).sample, conditional)
 
 
-def test_id2label_is_stored_with_integer_keys(tmp_path):
-    model = SculptUNet2DModel(**tiny_config(num_class_embeds=2, id2label={0: "zero", "1": "one"}))
+def test_id2label_is_stored_with_integer_keys(tmp_path, build_tiny_unet):
+    model = build_tiny_unet(num_class_embeds=2, id2label={0: "zero", "1": "one"})
     assert model.config.id2label == {0: "zero", 1: "one"}
     model.save_pretrained(tmp_path)
     assert SculptUNet2DModel.from_pretrained(tmp_path).config.id2label == {0: "zero", 1: "one"}
@@ -246,8 +234,8 @@ def test_id2label_is_stored_with_integer_keys(tmp_path):
 # ---------------------------------------------------------------- text conditioning and attention
 
 
-def test_cross_attention_reads_the_text():
-    model = build_model(cross_attention_dim=12)
+def test_cross_attention_reads_the_text(build_tiny_unet):
+    model = build_tiny_unet(cross_attention_dim=12)
     sample, timestep = make_inputs()
     first = model(sample, timestep, encoder_hidden_states=make_text(seed=2)).sample
     second = model(sample, timestep, encoder_hidden_states=make_text(seed=3)).sample
@@ -256,16 +244,16 @@ def test_cross_attention_reads_the_text():
     assert model(sample, timestep, encoder_hidden_states=make_text(sequence_length=9)).sample.shape == first.shape
 
 
-def test_encoder_hidden_states_required_exactly_for_text_models():
+def test_encoder_hidden_states_required_exactly_for_text_models(build_tiny_unet):
     sample, timestep = make_inputs()
     with pytest.raises(ValueError, match="encoder_hidden_states.*required"):
-        build_model(cross_attention_dim=12)(sample, timestep)
+        build_tiny_unet(cross_attention_dim=12)(sample, timestep)
     with pytest.raises(ValueError, match="encoder_hidden_states.*cross_attention_dim"):
-        build_model()(sample, timestep, encoder_hidden_states=make_text())
+        build_tiny_unet()(sample, timestep, encoder_hidden_states=make_text())
 
 
-def test_attention_processors_are_diffusers_and_swappable():
-    model = build_model(cross_attention_dim=12)
+def test_attention_processors_are_diffusers_and_swappable(build_tiny_unet):
+    model = build_tiny_unet(cross_attention_dim=12)
     sample, timestep = make_inputs()
     text = make_text()
     processors = model.attn_processors
@@ -280,20 +268,20 @@ def test_attention_processors_are_diffusers_and_swappable():
     torch.testing.assert_close(model(sample, timestep, encoder_hidden_states=text).sample, expected)
 
 
-def test_lora_target_names_exist():
+def test_lora_target_names_exist(build_tiny_unet):
     # PEFT's LoraConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"]) matches module names by suffix
-    model = build_model(cross_attention_dim=12)
+    model = build_tiny_unet(cross_attention_dim=12)
     linear_names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
     for target in ("to_q", "to_k", "to_v", "to_out.0"):
         # 4 attention blocks (down, mid, 2 up) with a self- and a cross-attention each
         assert len([name for name in linear_names if name.endswith("." + target)]) == 8, target
 
 
-def test_peft_lora_trains_saves_loads_and_scales(tmp_path):
+def test_peft_lora_trains_saves_loads_and_scales(tmp_path, build_tiny_unet):
     # the diffusers LoRA recipe (train_text_to_image_lora.py) on our U-Net, with the real peft
     from peft import LoraConfig
 
-    model = build_model(cross_attention_dim=12)
+    model = build_tiny_unet(cross_attention_dim=12)
     sample, timestep = make_inputs()
     text = make_text()
     base = model(sample, timestep, encoder_hidden_states=text).sample
@@ -326,7 +314,7 @@ def test_peft_lora_trains_saves_loads_and_scales(tmp_path):
 
     model.save_lora_adapter(tmp_path / "lora")
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    fresh = build_model(cross_attention_dim=12)
+    fresh = build_tiny_unet(cross_attention_dim=12)
     # diffusers' load_lora_adapter looks for a pickle unless told otherwise
     fresh.load_lora_adapter(str(tmp_path / "lora"), prefix=None, use_safetensors=True)
     with torch.no_grad():
@@ -335,8 +323,8 @@ def test_peft_lora_trains_saves_loads_and_scales(tmp_path):
         torch.testing.assert_close(fresh(sample, timestep, encoder_hidden_states=text).sample, base)
 
 
-def test_stable_diffusion_keywords():
-    model = build_model(cross_attention_dim=12)
+def test_stable_diffusion_keywords(build_tiny_unet):
+    model = build_tiny_unet(cross_attention_dim=12)
     sample, timestep = make_inputs()
     text = make_text()
     expected = model(sample, timestep, encoder_hidden_states=text).sample
@@ -359,8 +347,8 @@ def test_stable_diffusion_keywords():
         model(sample, timestep, encoder_hidden_states=text, timestep_cond=torch.zeros(2, 4))
 
 
-def test_time_cond_proj_dim_adds_timestep_cond():
-    model = build_model(time_cond_proj_dim=4)
+def test_time_cond_proj_dim_adds_timestep_cond(build_tiny_unet):
+    model = build_tiny_unet(time_cond_proj_dim=4)
     sample, timestep = make_inputs()
     without = model(sample, timestep).sample
     with_condition = model(sample, timestep, timestep_cond=torch.ones(2, 4)).sample
@@ -370,8 +358,8 @@ def test_time_cond_proj_dim_adds_timestep_cond():
 # ---------------------------------------------------------------- training machinery
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    model = build_model(num_class_embeds=3, cross_attention_dim=12).train()
+def test_gradient_checkpointing_gives_the_same_gradients(build_tiny_unet):
+    model = build_tiny_unet(cross_attention_dim=12).train()
     sample, timestep = make_inputs()
     text = make_text()
     labels = torch.tensor([0, 2])
@@ -398,9 +386,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], reference[name], msg=name)
 
 
-def test_torch_compile_traces_the_whole_graph():
+def test_torch_compile_traces_the_whole_graph(build_tiny_unet):
     # aot_eager: Dynamo + AOTAutograd without the C++ compile of inductor (see the slow test below)
-    model = build_model(num_class_embeds=3, cross_attention_dim=12)
+    model = build_tiny_unet(cross_attention_dim=12)
     sample, timestep = make_inputs()
     text = make_text()
     labels = torch.tensor([0, 3])
@@ -413,9 +401,9 @@ def test_torch_compile_traces_the_whole_graph():
 
 
 @pytest.mark.slow
-def test_torch_compile_inductor():
+def test_torch_compile_inductor(build_tiny_unet):
     # inductor compiles C++ kernels: 1.5-3 min with a cold cache on the shared 2-core machine
-    model = build_model(num_class_embeds=3)
+    model = build_tiny_unet()
     sample, timestep = make_inputs()
     labels = torch.tensor([0, 3])
     compiled = torch.compile(model)
@@ -431,8 +419,8 @@ def test_torch_compile_inductor():
 # ---------------------------------------------------------------- saving and loading
 
 
-def test_save_and_load_round_trip_bit_exactly(tmp_path):
-    model = build_model(num_class_embeds=3, cross_attention_dim=12, prediction_type="v_prediction")
+def test_save_and_load_round_trip_bit_exactly(tmp_path, build_tiny_unet):
+    model = build_tiny_unet(cross_attention_dim=12, prediction_type="v_prediction")
     model.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
     assert not (tmp_path / "diffusion_pytorch_model.bin").exists()
@@ -453,20 +441,70 @@ def test_save_and_load_round_trip_bit_exactly(tmp_path):
     )
 
 
-def test_load_in_float16(tmp_path):
-    build_model().save_pretrained(tmp_path)
+def test_load_in_float16(tmp_path, build_tiny_unet):
+    build_tiny_unet().save_pretrained(tmp_path)
     loaded = SculptUNet2DModel.from_pretrained(tmp_path, torch_dtype=torch.float16)
     assert {parameter.dtype for parameter in loaded.parameters()} == {torch.float16}
 
 
-def test_pickle_checkpoint_is_refused_unless_asked_for(tmp_path):
-    model = build_model()
+class CodeRunningPayload:
+    """A pickle payload whose unpickling would create `marker`: proof of code execution if it ever runs."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_checkpoint_loads_tensors_only(tmp_path, build_tiny_unet):
+    model = build_tiny_unet()
     model.save_pretrained(tmp_path, safe_serialization=False)
     assert (tmp_path / "diffusion_pytorch_model.bin").is_file()
 
-    with pytest.raises(OSError, match="use_safetensors=False"):
-        SculptUNet2DModel.from_pretrained(tmp_path)
+    # as diffusers: use_safetensors=None falls back to the .bin, read with torch.load(weights_only=True)
+    for loaded in (
+        SculptUNet2DModel.from_pretrained(tmp_path),
+        SculptUNet2DModel.from_pretrained(tmp_path, use_safetensors=False),
+    ):
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor), name
 
-    loaded = SculptUNet2DModel.from_pretrained(tmp_path, use_safetensors=False)
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], tensor), name
+    # use_safetensors=True is strict, and says which folder holds the pickle and how to load it
+    with pytest.raises(OSError, match=f"{tmp_path}.*use_safetensors=False"):
+        SculptUNet2DModel.from_pretrained(tmp_path, use_safetensors=True)
+    with pytest.raises(OSError, match=f"{tmp_path / 'unet'}.*use_safetensors=False"):
+        model.save_pretrained(tmp_path / "unet", safe_serialization=False)
+        SculptUNet2DModel.from_pretrained(tmp_path, subfolder="unet", use_safetensors=True)
+
+
+def test_code_running_pickle_runs_no_code(tmp_path, build_tiny_unet):
+    build_tiny_unet().save_pretrained(tmp_path)
+    (tmp_path / "diffusion_pytorch_model.safetensors").unlink()
+    marker = tmp_path / "code-ran"
+    torch.save({"conv_in.weight": CodeRunningPayload(marker)}, tmp_path / "diffusion_pytorch_model.bin")
+
+    for use_safetensors in (None, False):
+        with pytest.raises(OSError, match="Unable to load weights"):
+            SculptUNet2DModel.from_pretrained(tmp_path, use_safetensors=use_safetensors)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [True, False])
+def test_checkpoint_missing_a_tensor_is_refused(tmp_path, low_cpu_mem_usage, build_tiny_unet):
+    build_tiny_unet().save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    state_dict = load_file(weights)
+    del state_dict["conv_out.bias"], state_dict["time_embedding.linear_1.weight"]
+    save_file(state_dict, weights)
+
+    # diffusers only warns and leaves the two parameters on the meta device (or randomly initialised)
+    with pytest.raises(ValueError, match=r"lacks 2 tensor.*\['conv_out.bias', 'time_embedding.linear_1.weight'\]"):
+        SculptUNet2DModel.from_pretrained(tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+def test_output_loading_info_is_still_returned(tmp_path, build_tiny_unet):
+    build_tiny_unet().save_pretrained(tmp_path)
+    model, loading_info = SculptUNet2DModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(model, SculptUNet2DModel)
+    assert loading_info["missing_keys"] == [] and loading_info["unexpected_keys"] == []

@@ -396,24 +396,35 @@ class SculptUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixi
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "SculptUNet2DModel":
         r"""
-        [`ModelMixin.from_pretrained`], except that a pickle checkpoint (`diffusion_pytorch_model.bin`) is loaded only
-        when asked for by name with `use_safetensors=False`.
+        [`ModelMixin.from_pretrained`], with diffusers' weight formats (`use_safetensors=None` prefers safetensors and
+        falls back to `.bin`, read with `torch.load(weights_only=True)`, so a pickle runs no code) and two refusals:
 
-        diffusers falls back to a pickle file when `use_safetensors` is not given; unpickling can run arbitrary code,
-        so here the default is safetensors only.
+        - a checkpoint that lacks some of the model's tensors is refused with an error naming them (diffusers only
+          warns, and leaves those parameters uninitialised, on the meta device by default, to crash later);
+        - `use_safetensors=True` on a folder holding only a pickle checkpoint says which folder and how to load it.
         """
-        if kwargs.get("use_safetensors") is None:
-            kwargs["use_safetensors"] = True
-            # diffusers' own error for a local pickle-only folder does not say how to opt in, so say it here
-            folder = os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
-            if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) and not any(
-                name.endswith(".safetensors") for name in os.listdir(folder)
-            ):
-                raise OSError(
-                    f"{folder} holds only a pickle checkpoint ({WEIGHTS_NAME}), which can run code when loaded. "
-                    "Convert it to safetensors, or pass `use_safetensors=False` if you trust its source."
-                )
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if (
+            kwargs.get("use_safetensors")
+            and os.path.isfile(os.path.join(folder, WEIGHTS_NAME))
+            and not any(name.endswith(".safetensors") for name in os.listdir(folder))
+        ):
+            raise OSError(
+                f"{folder} holds only a pickle checkpoint ({WEIGHTS_NAME}) and `use_safetensors=True` accepts "
+                "safetensors only. Pass `use_safetensors=False` (or leave it unset) to read it with "
+                "`torch.load(weights_only=True)`, or convert it to safetensors."
+            )
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, output_loading_info=True, **kwargs
+        )
+        if loading_info["missing_keys"]:
+            raise ValueError(
+                f"The checkpoint in {folder} lacks {len(loading_info['missing_keys'])} tensor(s) of "
+                f"{cls.__name__}: {sorted(loading_info['missing_keys'])}. It is truncated or was saved from another "
+                "configuration: save the model again, or load the checkpoint that matches this `config.json`."
+            )
+        return (model, loading_info) if output_loading_info else model
 
     @apply_lora_scale("cross_attention_kwargs")
     def forward(

@@ -6,24 +6,35 @@
 import importlib
 import inspect
 import json
+import math
+import numbers
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    ImagePipelineOutput,
+    ModelMixin,
+    SchedulerMixin,
+)
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import create_repo, hf_hub_download, snapshot_download
+from huggingface_hub import create_repo, upload_folder
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-logger = logging.get_logger(__name__)
+# Logs under diffusers' pipeline loader, where diffusers' own "Loaded unet as ... from `unet` subfolder of ..." go, so
+# that `diffusers.utils.logging.set_verbosity_info()` shows the components loaded here too.
+logger = logging.get_logger("diffusers.pipelines.pipeline_utils")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -53,17 +64,27 @@ class SculptPipeline(DiffusionPipeline):
     This model inherits from [`DiffusionPipeline`]; check its documentation for the generic methods (downloading,
     saving, running on a device, offloading).
 
+    The denoiser is either a U-Net, registered as `unet`, or a diffusion transformer, registered as `transformer`
+    (the name diffusers' DiT, PixArt and SD3 pipelines give it); exactly one of them is given, and the pipeline runs
+    whichever it is as [`~SculptPipeline.denoiser`]. Its config says how it is conditioned: `num_class_embeds` (with the
+    null class at index `num_class_embeds`; diffusers' `DiTTransformer2DModel` says `num_embeds_ada_norm`),
+    `cross_attention_dim` (text), or neither (unconditional). A denoiser with twice as many output channels as input
+    channels also predicts its variance (improved DDPM's learned sigma, as diffusers' DiT checkpoints do): that half
+    is dropped, as `DiTPipeline` drops it, and the scheduler samples with its own variance.
+
     Args:
-        unet ([`ModelMixin`]):
-            The denoiser, usually a `sculptdiff.SculptUNet2DModel`; any diffusers U-Net with the same `forward`
-            (e.g. `UNet2DConditionModel`) works. Its config says how it is conditioned: `num_class_embeds` (with the
-            null class at index `num_class_embeds`), `cross_attention_dim` (text), or neither (unconditional).
         scheduler ([`SchedulerMixin`]):
             Owns the reverse update: `sculptdiff.SculptScheduler`, `sculptdiff.SculptFlowScheduler`, or a diffusers
-            scheduler of the family the U-Net was trained for (DDIM, DDPM, DPMSolverMultistep, Euler, UniPC;
+            scheduler of the family the denoiser was trained for (DDIM, DDPM, DPMSolverMultistep, Euler, UniPC;
             FlowMatchEulerDiscrete for flow models).
+        unet ([`ModelMixin`], *optional*):
+            A U-Net denoiser, usually a `sculptdiff.SculptUNet2DModel`; any diffusers U-Net with the same `forward`
+            (e.g. `UNet2DConditionModel`) works. Give either `unet` or `transformer`.
+        transformer ([`ModelMixin`], *optional*):
+            A diffusion transformer denoiser, usually a `sculptdiff.SculptDiT2DModel`; diffusers'
+            `DiTTransformer2DModel` works too (class-conditional). Give either `unet` or `transformer`.
         text_encoder ([`~transformers.PreTrainedModel`], *optional*):
-            Frozen text encoder whose `last_hidden_state` feeds the U-Net's cross-attention (CLIPTextModel, a
+            Frozen text encoder whose `last_hidden_state` feeds the denoiser's cross-attention (CLIPTextModel, a
             BERT-style encoder, ...).
         tokenizer ([`~transformers.PreTrainedTokenizerBase`], *optional*):
             The tokenizer of `text_encoder`.
@@ -71,22 +92,40 @@ class SculptPipeline(DiffusionPipeline):
             When present, denoising happens in its latent space and the result is decoded, as in Stable Diffusion.
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["text_encoder", "tokenizer", "vae"]
+    model_cpu_offload_seq = "text_encoder->unet->transformer->vae"
+    _optional_components = ["unet", "transformer", "text_encoder", "tokenizer", "vae"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
         self,
-        unet: ModelMixin,
         scheduler: SchedulerMixin,
+        unet: ModelMixin | None = None,
+        transformer: ModelMixin | None = None,
         text_encoder: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         vae: AutoencoderKL | None = None,
     ):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
+        if (unet is None) == (transformer is None):
+            raise ValueError(
+                "SculptPipeline needs exactly one denoiser: a U-Net as `unet` or a diffusion transformer as "
+                f"`transformer`, got unet={type(unet).__name__} and transformer={type(transformer).__name__}."
+            )
+        self.register_modules(
+            unet=unet,
+            transformer=transformer,
+            scheduler=scheduler,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            vae=vae,
+        )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def denoiser(self) -> ModelMixin:
+        r"""The denoising network the pipeline runs: its `unet` or its `transformer`, whichever it has."""
+        return self.unet if self.unet is not None else self.transformer
 
     @property
     def guidance_scale(self) -> float:
@@ -98,8 +137,13 @@ class SculptPipeline(DiffusionPipeline):
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        # w = 1 is plain conditional sampling: eps_uncond + 1 * (eps_cond - eps_uncond) = eps_cond
-        return self._guidance_scale > 1 and self._is_conditional
+        # w = 1 is plain conditional sampling: eps_uncond + 1 * (eps_cond - eps_uncond) = eps_cond; any other w needs
+        # both branches (w = 0 is unconditional, 0 < w < 1 interpolates, w > 1 extrapolates)
+        return self._guidance_scale != 1 and self._is_conditional
+
+    @property
+    def cross_attention_kwargs(self) -> dict | None:
+        return self._cross_attention_kwargs
 
     @property
     def num_timesteps(self) -> int:
@@ -108,9 +152,9 @@ class SculptPipeline(DiffusionPipeline):
     def encode_prompt(
         self,
         prompt: str | list[str] | None,
-        device: torch.device,
+        device: torch.device | None = None,
         num_images_per_prompt: int = 1,
-        do_classifier_free_guidance: bool = False,
+        do_classifier_free_guidance: bool = True,
         negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
@@ -118,8 +162,11 @@ class SculptPipeline(DiffusionPipeline):
         r"""
         Encodes the prompt into the text encoder's last hidden states, `(batch * num_images_per_prompt, tokens, dim)`.
         The training script calls this too, so that training and sampling see the same embeddings; the null
-        condition of classifier-free guidance is the embedding of the empty prompt.
+        condition of classifier-free guidance is the embedding of the empty prompt. With
+        `do_classifier_free_guidance` (the default, as in diffusers' SD3, PixArt and Sana pipelines) the embeddings of
+        `negative_prompt` (or of the empty prompt) are returned as well, otherwise `None`.
         """
+        device = device or self._execution_device
         if prompt_embeds is None:
             prompt = [prompt] if isinstance(prompt, str) else prompt
             prompt_embeds = self._encode_text(prompt, device)
@@ -160,21 +207,46 @@ class SculptPipeline(DiffusionPipeline):
             text_inputs.input_ids.to(device), attention_mask=text_inputs.attention_mask.to(device)
         ).last_hidden_state
 
+    def num_classes(self) -> int | None:
+        r"""
+        The number of classes of a class-conditional denoiser, whose reserved null class has this index; `None` for a
+        denoiser without classes.
+        """
+        config = self.denoiser.config
+        # diffusers' DiT (DiTTransformer2DModel, and Transformer2DModel with adaLN-Zero) keeps its class table in its
+        # adaLN-Zero norms: `num_embeds_ada_norm` classes, and the null class at that index (DiTPipeline's
+        # `class_null`). With any other norm, `num_embeds_ada_norm` counts timesteps, not classes.
+        if config.get("norm_type") == "ada_norm_zero":
+            return config.num_embeds_ada_norm
+        return config.get("num_class_embeds")
+
     def prepare_class_labels(self, class_labels: int | str | list[int | str] | torch.Tensor) -> torch.Tensor:
-        r"""Turns class ids or names (looked up in the U-Net config's `id2label`) into a tensor of ids."""
-        num_classes = self.unet.config.get("num_class_embeds")
+        r"""Turns class ids or names (looked up in the denoiser config's `id2label`) into a tensor of ids."""
+        num_classes = self.num_classes()
         if num_classes is None:
             raise ValueError(
-                "`class_labels` were given but this U-Net is not class-conditional (its config has no "
-                "`num_class_embeds`): drop `class_labels`, or load a class-conditional model."
+                f"`class_labels` were given but this {type(self.denoiser).__name__} is not class-conditional (its "
+                "config has no `num_class_embeds`): drop `class_labels`, or load a class-conditional model."
             )
         if isinstance(class_labels, torch.Tensor):
+            if class_labels.is_floating_point() or class_labels.dtype == torch.bool:
+                raise ValueError(
+                    f"`class_labels` must hold integer class ids, got a tensor of dtype {class_labels.dtype}."
+                )
             class_labels = class_labels.reshape(-1).tolist()
-        class_labels = [class_labels] if isinstance(class_labels, (int, str)) else list(class_labels)
+        class_labels = [class_labels] if isinstance(class_labels, (numbers.Integral, str)) else list(class_labels)
+        if not class_labels:
+            raise ValueError("`class_labels` is empty: pass at least one class id or name.")
 
-        label2id = {label: int(index) for index, label in (self.unet.config.get("id2label") or {}).items()}
+        label2id = {label: int(index) for index, label in (self.denoiser.config.get("id2label") or {}).items()}
         class_ids = []
         for label in class_labels:
+            # numpy integers are integers; a float such as 3.7 is not a class (and would be truncated to 3)
+            if isinstance(label, bool) or not isinstance(label, (numbers.Integral, str)):
+                raise ValueError(
+                    f"`class_labels` may hold integer class ids or class names, got {label!r} "
+                    f"({type(label).__name__})."
+                )
             if isinstance(label, str):
                 if label not in label2id:
                     raise ValueError(
@@ -186,7 +258,7 @@ class SculptPipeline(DiffusionPipeline):
                     f"`class_labels` holds {label}, outside [0, {num_classes - 1}] for this model's "
                     f"{num_classes} classes (index {num_classes} is the reserved null class)."
                 )
-            class_ids.append(label)
+            class_ids.append(int(label))
         return torch.tensor(class_ids, dtype=torch.long)
 
     def prepare_latents(
@@ -220,44 +292,106 @@ class SculptPipeline(DiffusionPipeline):
         self,
         prompt,
         class_labels,
+        batch_size,
         height,
         width,
+        num_inference_steps,
+        guidance_scale,
+        guidance_rescale,
         negative_prompt,
         prompt_embeds,
         negative_prompt_embeds,
-        guidance_scale,
+        num_images_per_prompt,
+        eta,
+        output_type,
         callback_on_step_end_tensor_inputs,
     ):
-        downsample_factor = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        for name, value in (
+            ("batch_size", batch_size),
+            ("num_images_per_prompt", num_images_per_prompt),
+            ("height", height),
+            ("width", width),
+            ("num_inference_steps", num_inference_steps),
+        ):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        # a U-Net halves the resolution at every level but the last; a transformer cuts the sample into patches
+        if self.unet is not None:
+            denoiser_factor, factor_name = 2 ** (len(self.unet.config.block_out_channels) - 1), "U-Net's downsampling"
+        else:
+            denoiser_factor, factor_name = self.transformer.config.patch_size, "transformer's `patch_size`"
+        downsample_factor = self.vae_scale_factor * denoiser_factor
         if height % downsample_factor != 0 or width % downsample_factor != 0:
             raise ValueError(
                 f"`height` and `width` must be multiples of {downsample_factor} for this model (VAE factor "
-                f"{self.vae_scale_factor} times the U-Net's downsampling), got {height}x{width}."
+                f"{self.vae_scale_factor} times the {factor_name}, {denoiser_factor}), got {height}x{width}."
             )
+        # diffusers' DiT unpatchifies its tokens into a square (`height = width = sqrt(tokens)`)
+        if isinstance(self.denoiser, DiTTransformer2DModel) and height != width:
+            raise ValueError(
+                f"diffusers' DiTTransformer2DModel generates square images only: pass `height` equal to `width`, got "
+                f"{height}x{width}."
+            )
+        config = self.denoiser.config
+        in_channels, out_channels = config.in_channels, config.get("out_channels") or config.in_channels
+        if out_channels not in (in_channels, 2 * in_channels):
+            raise ValueError(
+                f"The denoiser has `out_channels={out_channels}` for `in_channels={in_channels}`: the pipeline needs "
+                f"a prediction with {in_channels} channels, or {2 * in_channels} (the prediction and a learned "
+                "variance, which is dropped)."
+            )
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f'`output_type` must be "pil", "np", "pt" or "latent", got {output_type!r}.')
+
+        # guidance: eps = eps_uncond + w * (eps_cond - eps_uncond) holds for any finite w >= 0
+        if not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(
+                f"`guidance_scale` must be a finite number >= 0 (0 unconditional, 1 plain conditional sampling, > 1 "
+                f"guided), got {guidance_scale!r}."
+            )
+        if not isinstance(guidance_rescale, numbers.Real) or not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"`guidance_rescale` must be a number in [0, 1], got {guidance_rescale!r}.")
+
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both: `prompt_embeds` replaces the prompt.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if prompt is not None and (isinstance(prompt, list) and not prompt or not isinstance(prompt, (str, list))):
+            raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}.")
+        cross_attention_dim = config.get("cross_attention_dim")
+        has_text = prompt is not None or prompt_embeds is not None
+        if has_text and cross_attention_dim is None:
+            raise ValueError(
+                f"A prompt was given but this {type(self.denoiser).__name__} has no cross-attention "
+                "(`cross_attention_dim` is None): "
+                "it cannot read text. Drop the prompt, or load a text-conditional model."
+            )
+        if not has_text and (negative_prompt is not None or negative_prompt_embeds is not None):
+            raise ValueError(
+                "`negative_prompt` / `negative_prompt_embeds` replace the empty prompt of a text model's "
+                "unconditional branch; without a `prompt` or `prompt_embeds` there is none. Drop them (a class "
+                "model's unconditional branch is its null class)."
+            )
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None and (embeds.ndim != 3 or embeds.shape[-1] != cross_attention_dim):
+                raise ValueError(
+                    f"`{name}` must have shape (batch, tokens, {cross_attention_dim}) for this denoiser's "
+                    f"`cross_attention_dim`, got {tuple(embeds.shape)}."
+                )
         if prompt_embeds is not None and negative_prompt_embeds is not None:
             if prompt_embeds.shape != negative_prompt_embeds.shape:
                 raise ValueError(
                     f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
                     f"{tuple(negative_prompt_embeds.shape)} must have the same shape."
                 )
-        has_text = prompt is not None or prompt_embeds is not None
-        if has_text and self.unet.config.get("cross_attention_dim") is None:
-            raise ValueError(
-                "A prompt was given but this U-Net has no cross-attention (`cross_attention_dim` is None): "
-                "it cannot read text. Drop the prompt, or load a text-conditional model."
-            )
-        if class_labels is None and not has_text and guidance_scale > 1:
+        if class_labels is None and not has_text and guidance_scale != 1:
             raise ValueError(
                 f"`guidance_scale={guidance_scale}` needs a condition to guide towards: pass `class_labels` or a "
                 "`prompt`, or use `guidance_scale=1.0` for unconditional sampling."
             )
-        if guidance_scale > 1 and self.unet.config.get("conditioning_dropout_prob", 1.0) <= 0:
+        if guidance_scale != 1 and config.get("conditioning_dropout_prob", 1.0) <= 0:
             raise ValueError(
-                "Classifier-free guidance needs a model trained with a null condition, and this U-Net's config "
+                "Classifier-free guidance needs a model trained with a null condition, and this denoiser's config "
                 "says `conditioning_dropout_prob=0`. Use `guidance_scale=1.0`, or train with "
                 "`--conditioning_dropout_prob 0.1`."
             )
@@ -269,34 +403,39 @@ class SculptPipeline(DiffusionPipeline):
                 f"{callback_on_step_end_tensor_inputs}."
             )
 
-        # The U-Net config records the objective it was trained on; a scheduler of the other family (or another
-        # prediction type) would silently turn its output into noise, so refuse it here.
-        objective = self.unet.config.get("prediction_type")
-        scheduler_is_flow = (
-            self.scheduler.config.get("prediction_type") == "flow"
-            or "FlowMatch" in type(self.scheduler).__name__
-            or self.scheduler.config.get("use_flow_sigmas", False)
+        # The denoiser's config records the objective it was trained on; a scheduler of the other family (or another
+        # prediction type) would silently turn its output into noise, so refuse it here. A DDPM-family scheduler is
+        # defined by its `alphas_cumprod` table (which Stable Diffusion pipelines read); flow-matching schedulers
+        # have none. DPMSolver/UniPC with `use_flow_sigmas=True` run flow sigmas over such a table.
+        objective = config.get("prediction_type")
+        scheduler_is_flow = not hasattr(self.scheduler, "alphas_cumprod") or self.scheduler.config.get(
+            "use_flow_sigmas", False
         )
         if objective == "flow" and not scheduler_is_flow:
             raise ValueError(
-                f"This U-Net was trained with the flow-matching objective but the scheduler is "
+                f"This denoiser was trained with the flow-matching objective but the scheduler is "
                 f"{type(self.scheduler).__name__}, a DDPM-family scheduler. Use `SculptFlowScheduler` or diffusers' "
                 "`FlowMatchEulerDiscreteScheduler`."
             )
         if objective in DIFFUSION_PREDICTION_TYPES:
             if scheduler_is_flow:
                 raise ValueError(
-                    f"This U-Net predicts `{objective}` (a diffusion objective) but the scheduler is "
+                    f"This denoiser predicts `{objective}` (a diffusion objective) but the scheduler is "
                     f"{type(self.scheduler).__name__}, a flow-matching scheduler. Use `SculptScheduler` or a "
                     "diffusers DDPM-family scheduler."
                 )
             if self.scheduler.config.get("prediction_type", objective) != objective:
                 raise ValueError(
-                    f"This U-Net predicts `{objective}` but the scheduler is configured for "
+                    f"This denoiser predicts `{objective}` but the scheduler is configured for "
                     f"`{self.scheduler.config.prediction_type}`: set "
                     f"`pipe.scheduler = {type(self.scheduler).__name__}.from_config(pipe.scheduler.config, "
                     f'prediction_type="{objective}")`.'
                 )
+        if eta is not None and "eta" not in inspect.signature(self.scheduler.step).parameters:
+            raise ValueError(
+                f"`eta` was given but {type(self.scheduler).__name__}.step takes none (it is a DDIM-style "
+                "stochasticity of DDPM-family schedulers such as SculptScheduler and DDIMScheduler): drop `eta`."
+            )
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -320,6 +459,7 @@ class SculptPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict | None = None,
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict]
         | PipelineCallback
         | MultiPipelineCallbacks
@@ -331,14 +471,16 @@ class SculptPipeline(DiffusionPipeline):
 
         Args:
             prompt (`str` or `list[str]`, *optional*):
-                The prompt(s) for a text-conditional U-Net.
+                The prompt(s) for a text-conditional denoiser.
             class_labels (`int`, `str`, `list` or `torch.Tensor`, *optional*):
-                Class ids, or class names when the U-Net config carries `id2label`, for a class-conditional U-Net.
+                Class ids, or class names when the denoiser's config carries `id2label`, for a class-conditional
+                denoiser.
             batch_size (`int`, defaults to 1):
                 Number of images when there is neither a prompt nor class labels.
-            height (`int`, *optional*, defaults to `unet.config.sample_size * vae_scale_factor`):
-                Image height in pixels; a multiple of the VAE and U-Net downsampling factors.
-            width (`int`, *optional*, defaults to `unet.config.sample_size * vae_scale_factor`):
+            height (`int`, *optional*, defaults to `denoiser.config.sample_size * vae_scale_factor`):
+                Image height in pixels; a multiple of the VAE factor times the U-Net's downsampling or the
+                transformer's patch size.
+            width (`int`, *optional*, defaults to `denoiser.config.sample_size * vae_scale_factor`):
                 Image width in pixels.
             num_inference_steps (`int`, defaults to 50):
                 Number of denoising steps.
@@ -346,8 +488,9 @@ class SculptPipeline(DiffusionPipeline):
                 Custom descending timesteps for schedulers whose `set_timesteps` accepts them; overrides
                 `num_inference_steps`.
             guidance_scale (`float`, defaults to 1.0):
-                w in `eps = eps_uncond + w * (eps_cond - eps_uncond)`. w = 1 is plain conditional sampling (one U-Net
-                pass per step); w > 1 follows the condition more strongly (two branches in one batched pass).
+                w >= 0 in `eps = eps_uncond + w * (eps_cond - eps_uncond)`. w = 1 is plain conditional sampling (one
+                denoiser pass per step); w > 1 follows the condition more strongly, w = 0 samples unconditionally (the
+                null condition) and 0 < w < 1 interpolates (two branches in one batched pass).
             guidance_rescale (`float`, defaults to 0.0):
                 phi of arXiv 2305.08891, Sec. 3.4: rescales the guided output towards the conditional one's standard
                 deviation to counter over-exposure.
@@ -371,9 +514,13 @@ class SculptPipeline(DiffusionPipeline):
                 `"pil"`, `"np"`, `"pt"`, or `"latent"` (the denoised latents, not decoded).
             return_dict (`bool`, defaults to `True`):
                 Return an [`~pipelines.ImagePipelineOutput`] instead of a tuple.
+            cross_attention_kwargs (`dict`, *optional*):
+                Passed to the denoiser's attention processors, e.g. `{"scale": 0.5}` for the scale of loaded LoRA layers.
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
                 Called after each step as `callback_on_step_end(self, i, t, callback_kwargs)`; the tensors it returns
-                replace the pipeline's (e.g. `{"latents": ...}`).
+                replace the pipeline's (e.g. `{"latents": ...}`), and the next step reads `prompt_embeds`,
+                `negative_prompt_embeds` and `pipe._guidance_scale` again. As in diffusers' pipelines, a callback that
+                lowers `_guidance_scale` to 1 or below turns guidance off (diffusers' `SDCFGCutoffCallback`).
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
                 Which of `_callback_tensor_inputs` go into `callback_kwargs`; defaults to `["latents"]`.
 
@@ -385,29 +532,36 @@ class SculptPipeline(DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        sample_size = self.unet.config.sample_size
-        height = height or sample_size * self.vae_scale_factor
-        width = width or sample_size * self.vae_scale_factor
+        if height is None:
+            height = self.denoiser.config.sample_size * self.vae_scale_factor
+        if width is None:
+            width = self.denoiser.config.sample_size * self.vae_scale_factor
 
         # 1. Check inputs
         self.check_inputs(
             prompt,
             class_labels,
+            batch_size,
             height,
             width,
+            num_inference_steps if timesteps is None else len(timesteps),
+            guidance_scale,
+            guidance_rescale,
             negative_prompt,
             prompt_embeds,
             negative_prompt_embeds,
-            guidance_scale,
+            num_images_per_prompt,
+            eta,
+            output_type,
             callback_on_step_end_tensor_inputs,
         )
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
+        self._cross_attention_kwargs = cross_attention_kwargs
         self._is_conditional = class_labels is not None or prompt is not None or prompt_embeds is not None
         device = self._execution_device
 
         # 2. Encode the condition: the conditional branch, and the null branch when guiding
-        encoder_hidden_states = None
         if prompt is not None or prompt_embeds is not None:
             prompt_embeds, negative_prompt_embeds = self.encode_prompt(
                 prompt,
@@ -419,12 +573,8 @@ class SculptPipeline(DiffusionPipeline):
                 negative_prompt_embeds,
             )
             batch_size = prompt_embeds.shape[0] // num_images_per_prompt
-            encoder_hidden_states = prompt_embeds
-            if self.do_classifier_free_guidance:
-                # unconditional first, so that `chunk(2)` below gives (uncond, cond)
-                encoder_hidden_states = torch.cat([negative_prompt_embeds, prompt_embeds])
 
-        class_ids = None
+        class_ids = null_ids = None
         if class_labels is not None:
             class_ids = self.prepare_class_labels(class_labels)
             if prompt_embeds is not None and class_ids.shape[0] != batch_size:
@@ -433,10 +583,13 @@ class SculptPipeline(DiffusionPipeline):
                 )
             batch_size = class_ids.shape[0]
             class_ids = class_ids.repeat_interleave(num_images_per_prompt).to(device)
-            if self.do_classifier_free_guidance:
-                # the reserved null class, index `num_class_embeds`, is the unconditional branch
-                null_ids = torch.full_like(class_ids, self.unet.config.num_class_embeds)
-                class_ids = torch.cat([null_ids, class_ids])
+        num_classes = self.num_classes()
+        if num_classes is not None:
+            # the reserved null class, index `num_classes`, is the unconditional branch, and the condition of images
+            # drawn without class labels (spelled out: diffusers' DiT has no default for `class_labels`)
+            null_ids = torch.full((batch_size * num_images_per_prompt,), num_classes, device=device)
+            if class_ids is None:
+                class_ids = null_ids
 
         # 3. Prepare timesteps: the scheduler owns the grid, custom `timesteps` pass through to it. (This is
         # diffusers' `retrieve_timesteps`, inline: importing it from the Stable Diffusion pipeline module would load
@@ -456,52 +609,71 @@ class SculptPipeline(DiffusionPipeline):
         # 4. Prepare latents
         latents = self.prepare_latents(
             batch_size * num_images_per_prompt,
-            self.unet.config.in_channels,
+            self.denoiser.config.in_channels,
             height,
             width,
-            prompt_embeds.dtype if prompt_embeds is not None else self.unet.dtype,
+            prompt_embeds.dtype if prompt_embeds is not None else self.denoiser.dtype,
             device,
             generator,
             latents,
         )
 
-        # 5. Prepare the scheduler's extra step arguments: `eta` and `generator` only where `step` takes them
-        step_parameters = set(inspect.signature(self.scheduler.step).parameters)
+        # 5. Prepare the scheduler's extra step arguments: `eta` (checked above) and `generator` where `step` takes it
         extra_step_kwargs = {}
-        if eta is not None and "eta" in step_parameters:
+        if eta is not None:
             extra_step_kwargs["eta"] = eta
-        if "generator" in step_parameters:
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
             extra_step_kwargs["generator"] = generator
 
-        # 6. Denoising loop
+        # 6. Denoising loop. The doubled conditioning is built each step from what a callback may have changed
+        # (`prompt_embeds`, `negative_prompt_embeds`, `self._guidance_scale`).
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
-                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                encoder_hidden_states, class_input = prompt_embeds, class_ids
+                latent_model_input = latents
+                if self.do_classifier_free_guidance:
+                    # unconditional first, so that `chunk(2)` below gives (uncond, cond)
+                    latent_model_input = torch.cat([latents] * 2)
+                    if prompt_embeds is not None:
+                        encoder_hidden_states = torch.cat([negative_prompt_embeds, prompt_embeds])
+                    if class_ids is not None:
+                        class_input = torch.cat([null_ids, class_ids])
                 # diffusers' flow-matching schedulers define no `scale_model_input`: their inputs need no scaling
                 if hasattr(self.scheduler, "scale_model_input"):
                     latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
 
-                model_output = self.unet(
+                # one timestep per sample, as diffusers' transformer pipelines pass it (its DiT embeds only a 1-d
+                # tensor); text only to a denoiser that reads it (diffusers' DiT takes no `encoder_hidden_states`)
+                timestep = t.expand(latent_model_input.shape[0])
+                text_input = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
+                model_output = self.denoiser(
                     latent_model_input,
-                    t,
-                    encoder_hidden_states=encoder_hidden_states,
-                    class_labels=class_ids,
+                    timestep,
+                    class_labels=class_input,
+                    cross_attention_kwargs=self.cross_attention_kwargs,
                     return_dict=False,
+                    **text_input,
                 )[0]
+                # learned variance channels (out_channels = 2 * in_channels) are dropped, as DiTPipeline drops them:
+                # the scheduler samples with its own variance
+                model_output = model_output[:, : latents.shape[1]]
 
                 # classifier-free guidance on whatever the model predicts (eps, v, x0 or velocity): the scheduler
                 # receives one guided output and converts it as it would an unguided one
                 if self.do_classifier_free_guidance:
                     model_output_uncond, model_output_cond = model_output.chunk(2)
-                    model_output = model_output_uncond + guidance_scale * (model_output_cond - model_output_uncond)
-                    if guidance_rescale > 0:
-                        model_output = rescale_noise_cfg(model_output, model_output_cond, guidance_rescale)
+                    model_output = model_output_uncond + self.guidance_scale * (
+                        model_output_cond - model_output_uncond
+                    )
+                    if self.guidance_rescale > 0:
+                        model_output = rescale_noise_cfg(model_output, model_output_cond, self.guidance_rescale)
 
                 latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
+                    guidance_scale_before = self._guidance_scale
                     callback_kwargs = {}
                     for name in callback_on_step_end_tensor_inputs:
                         callback_kwargs[name] = locals()[name]  # a loop: a comprehension has its own locals()
@@ -509,6 +681,11 @@ class SculptPipeline(DiffusionPipeline):
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                    # diffusers' CFG-cutoff callbacks end guidance by setting `_guidance_scale = 0`, which diffusers'
+                    # pipelines read as "no guidance" (w <= 1); here w = 0 would mean unconditional sampling, so a
+                    # callback's lowering to <= 1 is read as diffusers means it: plain conditional sampling
+                    if self._guidance_scale != guidance_scale_before and self._guidance_scale <= 1:
+                        self._guidance_scale = 1.0
 
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
@@ -548,16 +725,17 @@ class SculptPipeline(DiffusionPipeline):
         an interrupted save never leaves a half-written component, and files of `save_directory` that the
         pipeline does not own (a model card, sample grids, logs, checkpoints) are kept.
 
-        With `push_to_hub=True` the folder is then uploaded to `repo_id` (keyword arguments as diffusers':
-        `repo_id`, `commit_message`, `private`, `token`, `create_pr`); a model card already in `save_directory` is
-        uploaded as it is, otherwise a minimal one tagged `sculptdiff` is created.
+        With `push_to_hub=True` the files the pipeline owns (`hub_allow_patterns`) and the model card are then
+        uploaded to `repo_id`, nothing else of the folder (keyword arguments as diffusers': `repo_id`,
+        `commit_message`, `private`, `token`, `create_pr`); a model card already in `save_directory` is uploaded as
+        it is, otherwise a minimal one tagged `sculptdiff` is created.
         """
         os.makedirs(save_directory, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-save-") as staging:
             super().save_pretrained(staging, safe_serialization=safe_serialization, variant=variant)
             self._write_custom_code(staging)
             for name in sorted(os.listdir(staging)):
-                _replace(os.path.join(staging, name), os.path.join(save_directory, name))
+                replace_path(os.path.join(staging, name), os.path.join(save_directory, name))
 
         if push_to_hub:
             token = kwargs.pop("token", None)
@@ -575,11 +753,50 @@ class SculptPipeline(DiffusionPipeline):
                 create_pr=kwargs.pop("create_pr", False),
             )
 
+    def hub_allow_patterns(self) -> list[str]:
+        r"""
+        The files of a `save_pretrained` folder that belong on the Hub, as glob patterns relative to the folder
+        (`huggingface_hub.upload_folder(..., allow_patterns=...)`): `model_index.json`, the pipeline's code file,
+        one subfolder per registered component (weights, configs, the component code files), and the model card
+        `README.md`. Everything else a folder may hold (training checkpoints, logs, dotfiles such as `.env`,
+        staging folders) stays local. `push_to_hub` and `save_pretrained(..., push_to_hub=True)` upload exactly
+        these; the training scripts' publish code adds its own files (sample grid, run arguments) to them.
+        """
+        patterns = [self.config_name, f"{self._pipeline_module_name()}.py", "README.md"]
+        for name, component in self.components.items():
+            if component is not None:
+                patterns.append(f"{name}/*")
+        return patterns
+
+    def _upload_folder(
+        self,
+        working_dir: str | os.PathLike,
+        repo_id: str,
+        token: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        subfolder: str | None = None,
+    ):
+        # diffusers' PushToHubMixin uploads the whole folder; a training output folder also holds checkpoints, logs
+        # and secrets, so both push paths (`push_to_hub`, `save_pretrained(push_to_hub=True)`) go through the allowlist
+        return upload_folder(
+            repo_id=repo_id,
+            folder_path=working_dir,
+            path_in_repo=subfolder,
+            commit_message=commit_message or f"Upload {type(self).__name__}",
+            token=token,
+            create_pr=create_pr,
+            allow_patterns=self.hub_allow_patterns(),
+        )
+
+    def _pipeline_module_name(self) -> str:
+        return os.path.splitext(os.path.basename(inspect.getsourcefile(type(self))))[0]
+
     def _write_custom_code(self, folder: str):
         model_index_path = os.path.join(folder, "model_index.json")
         with open(model_index_path, encoding="utf-8") as f:
             model_index = json.load(f)
-        pipeline_module = os.path.splitext(os.path.basename(inspect.getsourcefile(type(self))))[0]
+        pipeline_module = self._pipeline_module_name()
         model_index["_class_name"] = [pipeline_module, type(self).__name__]
         shutil.copyfile(inspect.getsourcefile(type(self)), os.path.join(folder, f"{pipeline_module}.py"))
 
@@ -595,69 +812,110 @@ class SculptPipeline(DiffusionPipeline):
             f.write("\n")
 
     @classmethod
-    def load_config(cls, *args, **kwargs):
-        # A saved SculptPipeline names its own code file in `_class_name` for the trust_remote_code door. Loaded
-        # through this (installed) class, that entry is ours: keep the installed class instead of the file copy.
-        outputs = super().load_config(*args, **kwargs)
-        config = outputs[0] if isinstance(outputs, tuple) else outputs
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict:
+        # A saved SculptPipeline names its own code file in `_class_name` (["pipeline_sculpt", "SculptPipeline"]) for
+        # the trust_remote_code door. Read through this installed class, that entry means this class; without the
+        # rewrite diffusers' `download` and `from_pretrained` would insist on running the saved copy as remote code.
+        config = super()._dict_from_json_file(json_file)
         if isinstance(config.get("_class_name"), list) and config["_class_name"][1] == cls.__name__:
             config["_class_name"] = cls.__name__
-        return outputs
+        return config
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
         r"""
         Loads a saved SculptPipeline from a folder or a Hub repo id with the installed sculptdiff classes (no
-        `trust_remote_code` needed). Takes diffusers' `from_pretrained` arguments (`revision`, `dtype`,
-        `variant`, `cache_dir`, `token`, `local_files_only`, components to replace, ...).
+        `trust_remote_code` needed). Takes diffusers' `from_pretrained` arguments (`revision`, `dtype` or a
+        per-component dict of dtypes, `variant`, `use_safetensors`, `device_map`, `low_cpu_mem_usage`,
+        `quantization_config`, `cache_dir`, `token`, `local_files_only`, components to replace, ...), with diffusers'
+        meaning: `use_safetensors=None` prefers safetensors and falls back to `.bin`, which is read with
+        `torch.load(weights_only=True)` (tensors only, no code runs); `use_safetensors=True` accepts safetensors only.
 
-        diffusers 0.42 cannot download a repo whose components come from another library through
-        `DiffusionPipeline.download`, so a repo id is fetched here with `snapshot_download` first; the components
-        whose module the folder records from sculptdiff are loaded with the installed classes, the rest by
-        diffusers.
+        diffusers does all of the work except one thing: a component whose code file was saved beside its weights
+        (which `save_pretrained` writes for the trust_remote_code door) is loaded by diffusers only as remote code.
+        The components the folder records from sculptdiff are therefore loaded here with the installed classes and
+        the loading arguments diffusers gives its own models, then handed to `DiffusionPipeline.from_pretrained`.
         """
         folder = str(pretrained_model_name_or_path)
-        hub_kwargs = {
+        if not os.path.isdir(folder):
+            folder = cls.download(folder, **kwargs)
+        model_index = cls.load_config(folder)
+
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        quantization_config = kwargs.get("quantization_config")
+        # diffusers resolves "balanced" over accelerators for the components it loads itself (ours keep the device
+        # they load on); a device name reaches every model's own loading, as diffusers passes it
+        device_map = kwargs.get("device_map")
+        model_kwargs = {
             name: kwargs[name]
-            for name in ("cache_dir", "revision", "token", "local_files_only", "force_download")
+            for name in ("use_safetensors", "low_cpu_mem_usage", "max_memory", "offload_folder", "disable_mmap")
             if name in kwargs
         }
-        if not os.path.isdir(folder):
-            model_index = hf_hub_download(folder, cls.config_name, **hub_kwargs)
-            with open(model_index, encoding="utf-8") as f:
-                component_folders = [name for name, entry in json.load(f).items() if isinstance(entry, list)]
-            folder = snapshot_download(
-                folder,
-                allow_patterns=[cls.config_name, "*.py"] + [f"{name}/*" for name in component_folders],
-                ignore_patterns=["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"],
-                **hub_kwargs,
-            )
-        with open(os.path.join(folder, cls.config_name), encoding="utf-8") as f:
-            model_index = json.load(f)
-
-        # weights in safetensors only: a pickle checkpoint can run code on load, so it takes `use_safetensors=False`
-        kwargs.setdefault("use_safetensors", True)
-        load_kwargs = {
-            name: kwargs[name] for name in ("dtype", "torch_dtype", "variant", "use_safetensors") if name in kwargs
-        }
         for name, entry in model_index.items():
-            if not isinstance(entry, list) or name in kwargs or entry[0] is None:
+            if not isinstance(entry, list) or entry[0] is None or name in kwargs:
                 continue
-            if entry[0].split(".")[0] == PACKAGE_NAME:
-                component_class = getattr(importlib.import_module(entry[0]), entry[1])
-                if issubclass(component_class, SchedulerMixin):
-                    kwargs[name] = component_class.from_pretrained(folder, subfolder=name)
-                else:
-                    kwargs[name] = component_class.from_pretrained(folder, subfolder=name, **load_kwargs)
+            if entry[0].split(".")[0] != PACKAGE_NAME:
+                continue
+            component_class = _installed_class(name, entry)
+            if issubclass(component_class, SchedulerMixin):
+                kwargs[name] = component_class.from_pretrained(folder, subfolder=name)
+            else:
+                # as diffusers' `load_sub_model`: a dict of dtypes resolves per component, a variant applies to the
+                # components that have its files, a pipeline quantization config resolves per component
+                component_dtype = (
+                    dtype.get(name, dtype.get("default", torch.float32)) if isinstance(dtype, dict) else dtype
+                )
+                variant = kwargs.get("variant")
+                has_variant = variant is not None and any(
+                    filename.split(".")[1].startswith(variant)
+                    for filename in os.listdir(os.path.join(folder, name))
+                    if "." in filename
+                )
+                quantization = (
+                    quantization_config._resolve_quant_config(is_diffusers=True, module_name=name)
+                    if quantization_config is not None
+                    else None
+                )
+                kwargs[name] = component_class.from_pretrained(
+                    folder,
+                    subfolder=name,
+                    torch_dtype=component_dtype,
+                    variant=variant if has_variant else None,
+                    device_map=None if device_map == "balanced" else device_map,
+                    quantization_config=quantization,
+                    **model_kwargs,
+                )
+            logger.info(f"Loaded {name} as {entry[1]} from `{name}` subfolder of {pretrained_model_name_or_path}.")
 
-        for name in ("cache_dir", "revision", "token", "force_download"):
-            kwargs.pop(name, None)
         pipeline = super().from_pretrained(folder, **kwargs)
         pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return pipeline
 
 
-def _replace(source: str, target: str):
+def _installed_class(name: str, entry: list[str]) -> type:
+    """The installed class a `model_index.json` entry `name: [module, class]` names, or an error that says what to do."""
+    module_name, class_name = entry
+    fix = (
+        "The folder was probably saved by another sculptdiff version: install that version (`pip install -U "
+        "sculptdiff`), or load the code saved beside the weights with `DiffusionPipeline.from_pretrained(folder, "
+        "trust_remote_code=True)`."
+    )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise ValueError(
+            f"`model_index.json` entry `{name}` names module `{module_name}`, which the installed sculptdiff does not "
+            f"have. {fix}"
+        ) from error
+    if not isinstance(getattr(module, class_name, None), type):
+        raise ValueError(
+            f"`model_index.json` entry `{name}` names class `{class_name}` in `{module_name}`, which has no such "
+            f"class. {fix}"
+        )
+    return getattr(module, class_name)
+
+
+def replace_path(source: str, target: str):
     """Moves `source` onto `target`; an existing `target` is set aside first and deleted only once replaced."""
     if not os.path.exists(target):
         os.replace(source, target)
