@@ -15,55 +15,77 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 import time
 from pathlib import Path
 
 import diffusers
-import numpy as np
 import torch
-import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling, compute_snr
-from diffusers.utils import make_image_grid
-from safetensors import safe_open
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from sculptdiff.models.unet_sculpt import SculptUNet2DModel
 from sculptdiff.pipelines.sculpt.pipeline_sculpt import SculptPipeline
 from sculptdiff.schedulers.scheduling_sculpt import SculptScheduler
-from sculptdiff.schedulers.scheduling_sculpt_flow import SculptFlowScheduler
-from sculptdiff.training.card import render_model_card
+from sculptdiff.training.atomic_files import save_image, write_text
+from sculptdiff.training.card import SAMPLE_GRID_NAME, TrainingRun, build_model_card
+from sculptdiff.training.checkpointing import (
+    apply_optimizer_settings,
+    find_resume_checkpoint,
+    format_differences,
+    register_checkpoint_hooks,
+    resolve_checkpoint_path,
+    save_checkpoint,
+)
 from sculptdiff.training.data import (
     DIGITS_CLASS_COLUMN,
-    DIGITS_DATASET_NAME,
     ExampleTransform,
     ImageTransform,
     check_columns,
     class_names,
+    class_value_names,
     collate_fn,
     image_mode_for_channels,
     load_training_dataset,
 )
-from sculptdiff.training.evaluation import DigitsEvaluator
-from sculptdiff.training.publish import PushToHubError, push_output_dir
+from sculptdiff.training.guard import DivergenceGuard
+from sculptdiff.training.objective import diffusion_loss
+from sculptdiff.training.publish import (
+    ARGS_FILE_NAME,
+    SECRET_ARGS,
+    PushToHubError,
+    hub_repo_id,
+    portable_training_args,
+    push_output_dir,
+)
+from sculptdiff.training.recipe import RECIPE, build_ema, build_noise_scheduler, build_unet, default_unet_config
+from sculptdiff.training.validation import log_grid, render_sample_grid
 
 
 logger = get_logger(__name__, log_level="INFO")
 
 DEFAULT_MODEL_CARD_TEMPLATE = str(Path(__file__).resolve().parent.parent / "model_cards" / "sculpt_model_card.md")
-SAMPLE_GRID_NAME = "sample_grid.png"
-ARGS_FILE_NAME = "training_args.json"
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-# Never written to the logs, the args dump or the model card.
-SECRET_ARGS = ("hub_token",)
+# The arguments that define a run (with the U-Net config, the process count and the precision): see run_fingerprint.
+FINGERPRINT_ARGS = (
+    # data
+    "dataset_name", "dataset_config_name", "train_data_dir", "image_column", "class_column", "caption_column",
+    "resolution", "center_crop", "random_flip", "max_train_samples",
+    # frozen models
+    "pretrained_model_name_or_path", "text_encoder_name_or_path", "vae_name_or_path",
+    # objective
+    "num_train_timesteps", "beta_schedule", "rescale_betas_zero_snr", "snr_gamma", "noise_offset",
+    "weighting_scheme", "logit_mean", "logit_std",
+    # optimisation
+    "seed", "learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
+    "adam_epsilon", "max_grad_norm", "train_batch_size", "gradient_accumulation_steps",
+    "use_ema", "ema_decay", "ema_inv_gamma", "ema_power",
+)  # fmt: skip
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -213,12 +235,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         ),
     )
     parser.add_argument(
-        "--num_train_timesteps", type=int, default=1000, help="Number of diffusion steps T of the training schedule."
+        "--num_train_timesteps",
+        type=int,
+        default=RECIPE.num_train_timesteps,
+        help="Number of diffusion steps T of the training schedule.",
     )
     parser.add_argument(
         "--beta_schedule",
         type=str,
-        default="squaredcos_cap_v2",
+        default=RECIPE.beta_schedule,
         choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
         help=(
             "The beta schedule of the DDPM-family objectives. Default squaredcos_cap_v2: the cosine schedule of"
@@ -263,24 +288,33 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logit_std", type=float, default=1.0, help="Std of the logit-normal t distribution.")
 
     # optimisation
-    parser.add_argument("--learning_rate", type=float, default=1e-3, help="Learning rate after warm-up (AdamW).")
+    parser.add_argument(
+        "--learning_rate", type=float, default=RECIPE.learning_rate, help="Learning rate after warm-up (AdamW)."
+    )
     parser.add_argument(
         "--lr_scheduler",
         type=str,
-        default="cosine",
+        default=RECIPE.lr_scheduler,
         help=(
             'The learning-rate schedule: "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",'
             ' "constant_with_warmup" (diffusers.optimization.get_scheduler).'
         ),
     )
-    parser.add_argument("--lr_warmup_steps", type=int, default=100, help="Warm-up steps of the learning rate.")
-    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    parser.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
-    parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
     parser.add_argument(
-        "--train_batch_size", type=int, default=32, help="Batch size per process (per device) for training."
+        "--lr_warmup_steps", type=int, default=RECIPE.lr_warmup_steps, help="Warm-up steps of the learning rate."
+    )
+    parser.add_argument("--adam_beta1", type=float, default=RECIPE.adam_beta1, help="AdamW beta1.")
+    parser.add_argument("--adam_beta2", type=float, default=RECIPE.adam_beta2, help="AdamW beta2.")
+    parser.add_argument(
+        "--adam_weight_decay", type=float, default=RECIPE.adam_weight_decay, help="AdamW weight decay."
+    )
+    parser.add_argument("--adam_epsilon", type=float, default=RECIPE.adam_epsilon, help="AdamW epsilon.")
+    parser.add_argument("--max_grad_norm", type=float, default=RECIPE.max_grad_norm, help="Gradient clipping norm.")
+    parser.add_argument(
+        "--train_batch_size",
+        type=int,
+        default=RECIPE.train_batch_size,
+        help="Batch size per process (per device) for training.",
     )
     parser.add_argument(
         "--gradient_accumulation_steps",
@@ -316,17 +350,17 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="Keep an exponential moving average of the weights and save it as the final model (on by default).",
     )
-    parser.add_argument("--ema_decay", type=float, default=0.9999, help="The maximum EMA decay.")
+    parser.add_argument("--ema_decay", type=float, default=RECIPE.ema_decay, help="The maximum EMA decay.")
     parser.add_argument(
         "--ema_inv_gamma",
         type=float,
-        default=1.0,
+        default=RECIPE.ema_inv_gamma,
         help="Inverse gamma of the EMA warm-up (decay 1 - (1 + step/inv_gamma)^-power).",
     )
     parser.add_argument(
         "--ema_power",
         type=float,
-        default=3 / 4,
+        default=RECIPE.ema_power,
         help="Power of the EMA warm-up; 3/4 suits runs of thousands of steps, 2/3 runs of a million.",
     )
 
@@ -348,8 +382,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         type=str,
         default=None,
         help=(
-            'Resume from a checkpoint folder (a path, or a checkpoint-<step> name inside --output_dir), or "latest"'
-            " for the newest loadable checkpoint in --output_dir (a fresh start when there is none)."
+            '"latest": resume the newest checkpoint in --output_dir that reads back in full and belongs to this run'
+            " (same data, model, objective, seed, batch and optimizer settings: stored in its run_fingerprint.json;"
+            " a fresh start when there is none). A checkpoint folder (a path, or a checkpoint-<step> name inside"
+            " --output_dir): resume it even if it was trained with other settings; this run's learning rate, AdamW"
+            " and EMA settings then apply from the next step, and training_args.json and the card record the change."
         ),
     )
 
@@ -367,7 +404,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help=(
             "Every this many steps, sample --eval_num_samples class-conditional digits with the validation settings"
             " and log the benchmarks' quality figures (FD, class accuracy, coverage, precision/recall in a digits"
-            " classifier's feature space; sculptdiff.training.evaluation) to the trackers and eval_metrics.jsonl."
+            " classifier's feature space; sculptdiff.evaluation.digits) to the trackers and eval_metrics.jsonl."
             " Needs a class-conditional 1-channel model at 16 or 32 px."
         ),
     )
@@ -437,7 +474,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--hub_token",
         type=str,
         default=None,
-        help="A Hub token for the push (prefer `hf auth login` or HF_TOKEN); never logged or saved.",
+        help=(
+            "Refused: a token on the command line leaks into shell history, process lists and CI logs. Log in with"
+            " `hf auth login` or set HF_TOKEN instead."
+        ),
     )
     parser.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
 
@@ -480,10 +520,33 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             "--rescale_betas_zero_snr makes the last step pure noise, where an epsilon prediction carries no"
             " information (Lin et al. 2023): add --prediction_type v_prediction."
         )
+    # a config file or a fine-tuned model may have another number of levels: build_unet checks those
+    if (
+        args.attention_levels is not None
+        and args.model_config_name_or_path is None
+        and args.pretrained_model_name_or_path is None
+    ):
+        levels = len(args.block_out_channels or default_unet_config()["block_out_channels"])
+        if len(args.attention_levels) != levels:
+            raise ValueError(
+                f"--attention_levels needs one 0/1 flag per level of --block_out_channels ({levels} levels), got"
+                f" {args.attention_levels}."
+            )
     if args.max_train_steps is None and args.num_train_epochs is None:
-        args.max_train_steps = 2000
-    positive = ("max_train_steps", "num_train_epochs", "checkpointing_steps", "checkpoints_total_limit")
-    for flag in (*positive, "validation_steps", "train_batch_size", "gradient_accumulation_steps"):
+        args.max_train_steps = RECIPE.max_train_steps
+    if args.hub_token is not None:
+        # the value is never repeated: this message reaches the logs
+        raise ValueError(
+            "--hub_token is not accepted: a token on the command line leaks into shell history, process lists and"
+            " CI logs (accelerate launch prints the whole command line of a failed run). Log in once with"
+            " `hf auth login`, or set the HF_TOKEN environment variable, and drop --hub_token."
+        )
+    positive = (
+        "resolution", "max_train_steps", "num_train_epochs", "train_batch_size", "gradient_accumulation_steps",
+        "num_train_timesteps", "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
+        "num_validation_images", "validation_inference_steps", "eval_steps", "eval_num_samples",
+    )  # fmt: skip
+    for flag in positive:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag} must be >= 1, got {value}.")
@@ -496,107 +559,17 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def resolve_checkpoint_path(checkpoint: str, output_dir: str) -> str:
-    """A checkpoint given as a path, or as a checkpoint-<step> name inside output_dir; ValueError if neither exists."""
-    for path in (checkpoint, os.path.join(output_dir, checkpoint)):
-        if os.path.isdir(path):
-            return path
-    raise ValueError(
-        f"--resume_from_checkpoint {checkpoint!r} is neither a folder nor a checkpoint inside --output_dir"
-        f" {output_dir!r}. Pass an existing checkpoint-<step> folder, or 'latest'."
-    )
-
-
-def list_checkpoints(output_dir: str) -> list[str]:
-    """checkpoint-<step> folders of output_dir, oldest first. Staging folders of unfinished saves do not match."""
-    if not os.path.isdir(output_dir):
-        return []
-    steps = sorted(int(match.group(1)) for match in map(CHECKPOINT_PATTERN.match, os.listdir(output_dir)) if match)
-    return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
-
-
-def checkpoint_problem(path: str, use_ema: bool, num_processes: int) -> str | None:
-    """Why a checkpoint folder cannot be resumed from (missing or unreadable files), or None when it looks complete.
-
-    Reads file headers only, so a broken folder is found before any state is touched.
-    """
-    required = ["unet/config.json", "unet/diffusion_pytorch_model.safetensors", "optimizer.bin", "scheduler.bin"]
-    required += [f"random_states_{index}.pkl" for index in range(num_processes)]
-    if use_ema:
-        required += ["unet_ema/config.json", "unet_ema/diffusion_pytorch_model.safetensors"]
-    for name in required:
-        if not os.path.isfile(os.path.join(path, name)):
-            return f"{name} is missing"
-    for name in required:
-        if name.endswith(".safetensors"):
-            try:
-                with safe_open(os.path.join(path, name), framework="pt") as weights:
-                    weights.keys()
-            except Exception as error:
-                return f"{name} is unreadable ({error})"
-        if name.endswith(".json"):
-            try:
-                with open(os.path.join(path, name), encoding="utf-8") as f:
-                    json.load(f)
-            except ValueError as error:
-                return f"{name} is unreadable ({error})"
-    return None
-
-
-def replace_path(source: str, target: str):
-    """Move source onto target (file or folder); an existing target is removed only once source is in place."""
-    backup = None
-    if os.path.exists(target):
-        backup = f"{target}.old-{os.getpid()}"
-        os.replace(target, backup)
-    os.replace(source, target)
-    if backup is not None:
-        if os.path.isdir(backup):
-            shutil.rmtree(backup)
-        else:
-            os.remove(backup)
-
-
-def save_checkpoint(accelerator: Accelerator, args: argparse.Namespace, global_step: int):
-    """accelerator.save_state into a staging folder, renamed to checkpoint-<step> when complete (all processes)."""
-    final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    staging_path = os.path.join(args.output_dir, f".checkpoint-{global_step}.staging")
-    if accelerator.is_main_process and os.path.exists(staging_path):
-        shutil.rmtree(staging_path)
-    accelerator.wait_for_everyone()
-    # every process writes its own RNG state into the staging folder
-    accelerator.save_state(staging_path)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        replace_path(staging_path, final_path)
-        if args.checkpoints_total_limit is not None:
-            # the new checkpoint is in place before an old one is deleted
-            for old_path in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-                logger.info(f"Removing {old_path} (--checkpoints_total_limit {args.checkpoints_total_limit}).")
-                shutil.rmtree(old_path)
-        logger.info(f"Saved state to {final_path}")
-    accelerator.wait_for_everyone()
-
-
-def build_unet(
-    args: argparse.Namespace, data_config: dict, accelerator: Accelerator
-) -> tuple[SculptUNet2DModel, str | None]:
-    """A new U-Net from a config and the shape flags, or the U-Net of the pipeline being fine-tuned."""
+def load_or_build_unet(args: argparse.Namespace, data_config: dict) -> SculptUNet2DModel:
+    """A new U-Net (the recipe's shape, or a config file, with the shape flags on top), or the U-Net of the pipeline
+    being fine-tuned."""
     if args.pretrained_model_name_or_path is not None:
         # config overrides: the objective and dropout of this run, and what the data decides
         unet = SculptUNet2DModel.from_pretrained(
             args.pretrained_model_name_or_path, subfolder="unet", cache_dir=args.cache_dir, **data_config
         )
-        return unet, args.pretrained_model_name_or_path
+        return unet
 
-    config = {
-        "block_out_channels": (32, 64, 64),
-        "layers_per_block": 1,
-        "attention_levels": (False, False, True),
-        "attention_head_dim": 32,
-        "norm_num_groups": 8,
-        "dropout": 0.0,
-    }
+    config = None
     if args.model_config_name_or_path is not None:
         config = dict(SculptUNet2DModel.load_config(args.model_config_name_or_path, cache_dir=args.cache_dir))
     shape_flags = {
@@ -607,53 +580,60 @@ def build_unet(
         "norm_num_groups": args.norm_num_groups,
         "dropout": args.dropout,
     }
-    config.update({name: value for name, value in shape_flags.items() if value is not None})
-    config.update(data_config)
-    levels = len(config["block_out_channels"])
-    if config.get("attention_levels") is not None and len(config["attention_levels"]) != levels:
-        raise ValueError(
-            f"--attention_levels needs one 0/1 flag per level of --block_out_channels ({levels} levels), got"
-            f" {config['attention_levels']}."
-        )
-    return SculptUNet2DModel.from_config(config), None
+    shape = {name: value for name, value in shape_flags.items() if value is not None}
+    return build_unet(config, **shape, **data_config)
 
 
 def encode_captions(pipeline: SculptPipeline, captions: list[str], device: torch.device) -> torch.Tensor:
-    # The pipeline's own prompt encoding, so that training and sampling see the same embeddings.
+    # The pipeline's own prompt encoding, so that training and sampling see the same embeddings; the null condition
+    # is the dropped caption itself (the empty prompt), so no negative embeddings are encoded here.
     with torch.no_grad():
-        return pipeline.encode_prompt(captions, device)[0]
+        return pipeline.encode_prompt(captions, device, do_classifier_free_guidance=False)[0]
 
 
-def render_samples(
+def run_fingerprint(args: argparse.Namespace, unet: SculptUNet2DModel, accelerator: Accelerator) -> dict:
+    """What defines this run, stored with each checkpoint: `latest` resumes only a checkpoint with the same one.
+
+    Left out: what may change between a run and its resume without changing the weights it trains (logging,
+    validation, checkpointing, publishing) and `--max_train_steps` / `--num_train_epochs`, so that a finished run can
+    be extended (the LR schedule then follows the new length).
+    """
+    fingerprint = {name: getattr(args, name) for name in FINGERPRINT_ARGS}
+    # a local folder counts by where it is, however it was spelled
+    for name in ("train_data_dir", "dataset_name", "pretrained_model_name_or_path", "text_encoder_name_or_path"):
+        if fingerprint[name] is not None and os.path.exists(fingerprint[name]):
+            fingerprint[name] = os.path.realpath(fingerprint[name])
+    if args.vae_name_or_path is not None and os.path.exists(args.vae_name_or_path):
+        fingerprint["vae_name_or_path"] = os.path.realpath(args.vae_name_or_path)
+    # the U-Net config holds the shape, the objective and what the data decided (classes, channels, size)
+    config = accelerator.unwrap_model(unet).config
+    fingerprint["unet_config"] = {name: value for name, value in config.items() if not name.startswith("_")}
+    fingerprint["num_processes"] = accelerator.num_processes
+    fingerprint["mixed_precision"] = accelerator.mixed_precision
+    return fingerprint
+
+
+def render_grid(
     pipeline: SculptPipeline,
     args: argparse.Namespace,
-    conditioning: str,
-    num_classes: int,
+    names: list[str] | None,
     validation_prompts: list[str] | None,
     guidance_scale: float,
-    device: torch.device,
+    accelerator: Accelerator,
 ):
-    """A grid of samples from a fixed seed: one row per class (up to 10) or prompt, or 4 rows unconditionally."""
-    pipeline.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device=device).manual_seed(args.seed if args.seed is not None else 0)
-    columns = args.num_validation_images
-    common = {
-        "num_inference_steps": args.validation_inference_steps,
-        "guidance_scale": guidance_scale,
-        "eta": args.validation_eta,
-        "generator": generator,
-    }
-    if conditioning == "class":
-        rows = min(num_classes, 10)
-        labels = [label for label in range(rows) for _ in range(columns)]
-        images = pipeline(class_labels=labels, **common).images
-    elif conditioning == "text":
-        rows = len(validation_prompts)
-        images = pipeline(prompt=validation_prompts, num_images_per_prompt=columns, **common).images
-    else:
-        rows = 4
-        images = pipeline(batch_size=rows * columns, **common).images
-    return make_image_grid(images, rows=rows, cols=columns)
+    """The sample grid of the validation settings, from a fixed seed: one row per class (up to 10) or prompt."""
+    return render_sample_grid(
+        pipeline,
+        num_images=args.num_validation_images,
+        num_inference_steps=args.validation_inference_steps,
+        guidance_scale=guidance_scale,
+        seed=args.seed if args.seed is not None else 0,
+        device=accelerator.device,
+        num_classes=len(names) if names is not None else None,
+        prompts=validation_prompts,
+        # the flow sampler is deterministic and takes no eta
+        eta=None if pipeline.unet.config.prediction_type == "flow" else args.validation_eta,
+    )
 
 
 def main(args: argparse.Namespace):
@@ -728,11 +708,13 @@ def main(args: argparse.Namespace):
     # 3. the U-Net: what the data decides goes into its config, so the saved pipeline knows it
     data_config = {"sample_size": args.resolution // vae_scale_factor}
     if args.prediction_type is not None or pretrained is None:
-        data_config["prediction_type"] = args.prediction_type or "epsilon"
+        data_config["prediction_type"] = args.prediction_type or RECIPE.prediction_type
     if args.conditioning_dropout_prob is not None or pretrained is None:
         # 10% null condition: the classifier-free guidance paper's best range (Ho & Salimans 2022)
         data_config["conditioning_dropout_prob"] = (
-            args.conditioning_dropout_prob if args.conditioning_dropout_prob is not None else 0.1
+            args.conditioning_dropout_prob
+            if args.conditioning_dropout_prob is not None
+            else RECIPE.conditioning_dropout_prob
         )
     if pretrained is None:
         channels = vae.config.latent_channels if vae is not None else (1 if builtin else 3)
@@ -742,7 +724,7 @@ def main(args: argparse.Namespace):
             data_config["id2label"] = {str(index): name for index, name in enumerate(names)}
         if conditioning == "text":
             data_config["cross_attention_dim"] = text_encoder.config.hidden_size
-    unet, base_model = build_unet(args, data_config, accelerator)
+    unet = load_or_build_unet(args, data_config)
     if pretrained is not None:
         if (unet.config.num_class_embeds is not None) != (conditioning == "class"):
             raise ValueError(
@@ -770,22 +752,17 @@ def main(args: argparse.Namespace):
     image_mode = image_mode_for_channels(vae.config.in_channels if vae is not None else unet.config.in_channels)
 
     # 4. the forward process: DDPM family (Ho et al. 2020) or rectified flow (Liu et al. 2022)
-    if prediction_type == "flow":
-        noise_scheduler = SculptFlowScheduler(num_train_timesteps=args.num_train_timesteps)
-    elif pretrained is not None and args.prediction_type is None:
+    if prediction_type != "flow" and pretrained is not None and args.prediction_type is None:
         noise_scheduler = SculptScheduler.from_pretrained(pretrained, subfolder="scheduler")
     else:
-        noise_scheduler = SculptScheduler(
+        noise_scheduler = build_noise_scheduler(
+            prediction_type,
             num_train_timesteps=args.num_train_timesteps,
             beta_schedule=args.beta_schedule,
-            prediction_type=prediction_type,
             rescale_betas_zero_snr=args.rescale_betas_zero_snr,
             # pixels live in [-1, 1]; latents do not
             clip_sample=vae is None,
-            # "trailing" starts sampling at t = T, where training put pure noise (Lin et al. 2023, table 2)
-            timestep_spacing="trailing",
         )
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
 
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -793,45 +770,14 @@ def main(args: argparse.Namespace):
 
     # 5. EMA of the weights (Polyak averaging, as in DDPM's released models), with crowsonkb's warm-up so that short
     # runs average recent weights rather than the random initialisation
-    ema_unet = None
-    if args.use_ema:
-        ema_unet = EMAModel(
-            unet.parameters(),
-            decay=args.ema_decay,
-            use_ema_warmup=True,
-            inv_gamma=args.ema_inv_gamma,
-            power=args.ema_power,
-            model_cls=SculptUNet2DModel,
-            model_config=unet.config,
-        )
+    ema_unet = build_ema(unet, args.ema_decay, args.ema_inv_gamma, args.ema_power) if args.use_ema else None
     # the model that samples: a copy made now, so that making it never draws from the RNG mid-training
     sampling_unet = copy.deepcopy(unet).eval()
     sampling_unet.requires_grad_(False)
 
     # 6. checkpoints hold save_pretrained folders (safetensors) for the U-Net and its EMA
-    def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            if args.use_ema:
-                ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
-            for model in models:
-                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
-                weights.pop()
-
-    def load_model_hook(models, input_dir):
-        if args.use_ema:
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), SculptUNet2DModel)
-            ema_unet.load_state_dict(loaded.state_dict())
-            ema_unet.to(accelerator.device)
-            del loaded
-        for _ in range(len(models)):
-            model = accelerator.unwrap_model(models.pop())
-            loaded = SculptUNet2DModel.from_pretrained(input_dir, subfolder="unet")
-            model.register_to_config(**loaded.config)
-            model.load_state_dict(loaded.state_dict())
-            del loaded
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+    ema_models = {"unet_ema": ema_unet} if args.use_ema else {}
+    register_checkpoint_hooks(accelerator, model_folders=["unet"], ema_models=ema_models)
 
     optimizer = torch.optim.AdamW(
         unet.parameters(),
@@ -846,7 +792,7 @@ def main(args: argparse.Namespace):
             ImageTransform(args.resolution, image_mode, center_crop=args.center_crop),
             image_column=args.image_column,
             class_column=class_column,
-            class_names=names,
+            class_names=class_value_names(dataset, class_column),
             caption_column=args.caption_column,
         )
     )
@@ -918,6 +864,9 @@ def main(args: argparse.Namespace):
                 "--eval_steps scores digits: it needs a class-conditional 1-channel model at --resolution 16 or 32"
                 " (the built-in digits data). Drop --eval_steps for other data."
             )
+        # imported only here: the trainer depends on the digits evaluator only through --eval_steps
+        from sculptdiff.evaluation.digits import DigitsEvaluator
+
         evaluator = DigitsEvaluator(args.resolution) if accelerator.is_main_process else None
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -930,39 +879,44 @@ def main(args: argparse.Namespace):
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
     logger.info(f"  U-Net parameters = {sum(p.numel() for p in unet.parameters()):,}")
 
-    # 7. resume
+    # 7. resume: only a checkpoint of this run (same fingerprint) unless one is named explicitly
+    fingerprint = run_fingerprint(args, unet, accelerator)
+    resume = find_resume_checkpoint(
+        args.resume_from_checkpoint,
+        args.output_dir,
+        fingerprint,
+        model_folders=["unet", *ema_models],
+        num_processes=accelerator.num_processes,
+        max_train_steps=args.max_train_steps,
+    )
     global_step = 0
     first_epoch = 0
-    if args.resume_from_checkpoint is not None:
-        if args.resume_from_checkpoint == "latest":
-            candidates = list_checkpoints(args.output_dir)[::-1]
-        else:
-            candidates = [args.resume_from_checkpoint]
-        resume_path = None
-        for path in candidates:
-            problem = checkpoint_problem(path, args.use_ema, accelerator.num_processes)
-            if problem is None:
-                resume_path = path
-                break
-            if args.resume_from_checkpoint != "latest":
-                raise ValueError(f"--resume_from_checkpoint {path!r} cannot be loaded: {problem}.")
-            logger.warning(f"Skipping checkpoint {path}: {problem}.", main_process_only=False)
-        if resume_path is None:
-            logger.info(f"No loadable checkpoint in {args.output_dir!r}; starting a new training run.")
-        else:
-            match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(resume_path)))
-            if match is None:
-                raise ValueError(
-                    f"--resume_from_checkpoint {resume_path!r} is not named checkpoint-<step>; the step count"
-                    " is read from the name."
-                )
-            logger.info(f"Resuming from checkpoint {resume_path}")
-            accelerator.load_state(resume_path)
-            global_step = int(match.group(1))
-            first_epoch = global_step // num_update_steps_per_epoch
+    if resume is not None:
+        logger.info(f"Resuming from checkpoint {resume.path}")
+        accelerator.load_state(resume.path)
+        global_step = resume.step
+        first_epoch = global_step // num_update_steps_per_epoch
+        if resume.differences:
+            # resumed on purpose with other settings: the optimizer and EMA take this run's from here on
+            apply_optimizer_settings(
+                optimizer,
+                lr_scheduler,
+                args.learning_rate,
+                betas=(args.adam_beta1, args.adam_beta2),
+                eps=args.adam_epsilon,
+                weight_decay=args.adam_weight_decay,
+            )
+            if ema_unet is not None:
+                ema_unet.decay, ema_unet.inv_gamma, ema_unet.power = args.ema_decay, args.ema_inv_gamma, args.ema_power
+            logger.warning(
+                f"{resume.path} was trained with other settings: {format_differences(resume.differences)}. This"
+                f" run's settings apply from step {global_step + 1} (the random streams continue the checkpoint's);"
+                f" {ARGS_FILE_NAME} and the model card record both."
+            )
     resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
     initial_global_step = global_step
-    last_checkpoint = (list_checkpoints(args.output_dir) or [None])[-1]
+    # stops at the first non-finite loss or weights, naming the newest checkpoint whose weights gave a finite loss
+    guard = DivergenceGuard(accelerator, resumed_checkpoint=resume.path if resume is not None else None)
 
     progress_bar = tqdm(
         range(args.max_train_steps),
@@ -972,6 +926,7 @@ def main(args: argparse.Namespace):
     )
     train_start = time.monotonic()
     train_loss = 0.0
+    last_batch = None
     for epoch in range(first_epoch, num_train_epochs):
         unet.train()
         train_dataloader.set_epoch(epoch)
@@ -999,33 +954,6 @@ def main(args: argparse.Namespace):
                 latents = latents.float()
                 bsz = latents.shape[0]
 
-                # eps ~ N(0, I)
-                noise = torch.randn_like(latents)
-                if args.noise_offset:
-                    # https://www.crosslabs.org//blog/diffusion-with-offset-noise
-                    noise = noise + args.noise_offset * torch.randn(
-                        (bsz, latents.shape[1], 1, 1), device=latents.device
-                    )
-
-                if prediction_type == "flow":
-                    # rectified flow: t ~ p(t) on [0, 1], x_t = (1 - t) x_0 + t eps, target v = eps - x_0
-                    sigmas = compute_density_for_timestep_sampling(
-                        args.weighting_scheme, bsz, args.logit_mean, args.logit_std, device=latents.device
-                    )
-                    timesteps = sigmas * num_train_timesteps
-                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                else:
-                    # DDPM: t ~ U{0, T-1}, x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps in one step (Ho et al. eq. 4)
-                    timesteps = torch.randint(0, num_train_timesteps, (bsz,), device=latents.device).long()
-                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                    if prediction_type == "epsilon":
-                        target = noise
-                    elif prediction_type == "v_prediction":
-                        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                    else:
-                        target = latents
-
                 encoder_hidden_states = None
                 class_labels = None
                 if conditioning == "class":
@@ -1042,35 +970,28 @@ def main(args: argparse.Namespace):
                             encoder_hidden_states,
                         )
 
-                model_pred = unet(
-                    noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels
-                ).sample
+                # kept for the check of the final weights
+                last_batch = {
+                    "latents": latents,
+                    "class_labels": class_labels,
+                    "encoder_hidden_states": encoder_hidden_states,
+                }
+                loss = diffusion_loss(
+                    unet,
+                    noise_scheduler,
+                    latents,
+                    prediction_type,
+                    class_labels=class_labels,
+                    encoder_hidden_states=encoder_hidden_states,
+                    snr_gamma=args.snr_gamma,
+                    noise_offset=args.noise_offset,
+                    weighting_scheme=args.weighting_scheme,
+                    logit_mean=args.logit_mean,
+                    logit_std=args.logit_std,
+                )
 
-                if args.snr_gamma is None:
-                    loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-                else:
-                    # Min-SNR-gamma (Hang et al. 2023, eq. 7), as diffusers' train_text_to_image.py
-                    snr = compute_snr(noise_scheduler, timesteps)
-                    mse_loss_weights = torch.stack([snr, args.snr_gamma * torch.ones_like(timesteps)], dim=1).min(
-                        dim=1
-                    )[0]
-                    if prediction_type == "epsilon":
-                        mse_loss_weights = mse_loss_weights / snr
-                    elif prediction_type == "v_prediction":
-                        mse_loss_weights = mse_loss_weights / (snr + 1)
-                    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
-                    loss = loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights
-                    loss = loss.mean()
-
-                # the mean over all processes: logged, and checked on every process alike
+                # the mean over all processes: logged, and checked after the update on every process alike
                 avg_loss = accelerator.gather(loss.detach().repeat(bsz)).mean()
-                if not torch.isfinite(avg_loss):
-                    raise FloatingPointError(
-                        f"Training stopped: the loss is {avg_loss.item()} at step {global_step + 1} (epoch {epoch})."
-                        f" Nothing was saved after it; the last good checkpoint is {last_checkpoint or 'none'}."
-                        " Lower --learning_rate, keep --max_grad_norm, or turn off --mixed_precision, then resume"
-                        " with --resume_from_checkpoint latest."
-                    )
                 train_loss += avg_loss.item() / args.gradient_accumulation_steps
 
                 accelerator.backward(loss)
@@ -1082,29 +1003,25 @@ def main(args: argparse.Namespace):
 
             # an optimisation step happened (the end of an accumulation cycle)
             if accelerator.sync_gradients:
+                global_step += 1
+                # after the update and before anything is saved: a finite loss can still overflow the weights
+                guard.check_step(global_step, train_loss, unet.named_parameters())
                 if args.use_ema:
                     ema_unet.step(unet.parameters())
                 progress_bar.update(1)
-                global_step += 1
                 accelerator.log({"train_loss": train_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
                 train_loss = 0.0
 
                 if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args, global_step)
-                    last_checkpoint = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+                    path = save_checkpoint(
+                        accelerator, args.output_dir, global_step, fingerprint, args.checkpoints_total_limit
+                    )
+                    guard.checkpoint_saved(path)
 
                 if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
                     if accelerator.is_main_process:
                         load_sampling_weights(sampling_unet, unet, ema_unet, accelerator)
-                        grid = render_samples(
-                            pipeline,
-                            args,
-                            conditioning,
-                            len(names or []),
-                            validation_prompts,
-                            guidance_scale,
-                            accelerator.device,
-                        )
+                        grid = render_grid(pipeline, args, names, validation_prompts, guidance_scale, accelerator)
                         save_image(grid, os.path.join(args.output_dir, "samples", f"step-{global_step:06d}.png"))
                         log_grid(accelerator, grid, global_step)
                     accelerator.wait_for_everyone()
@@ -1117,7 +1034,8 @@ def main(args: argparse.Namespace):
                             class_labels=labels,
                             guidance_scale=guidance_scale,
                             num_inference_steps=args.validation_inference_steps,
-                            eta=args.validation_eta,
+                            # the flow sampler is deterministic and takes no eta
+                            eta=None if prediction_type == "flow" else args.validation_eta,
                             generator=torch.Generator(device=accelerator.device).manual_seed(0),
                             output_type="pt",
                         ).images
@@ -1136,74 +1054,53 @@ def main(args: argparse.Namespace):
     progress_bar.close()
     train_seconds = time.monotonic() - train_start
 
-    # 8. the final pipeline (EMA weights), its samples, its card
+    # 8. the final pipeline (EMA weights), checked before anything is written, its samples, its card
     accelerator.wait_for_everyone()
+    load_sampling_weights(sampling_unet, unet, ema_unet, accelerator)
+    final_loss = None
+    if last_batch is not None:
+        with torch.no_grad():
+            final_loss = diffusion_loss(
+                sampling_unet,
+                noise_scheduler,
+                prediction_type=prediction_type,
+                generator=torch.Generator(device=accelerator.device).manual_seed(0),
+                **last_batch,
+            ).item()
+    guard.check_final(final_loss, sampling_unet.named_parameters(), args.output_dir)
     if accelerator.is_main_process:
-        load_sampling_weights(sampling_unet, unet, ema_unet, accelerator)
         pipeline.save_pretrained(args.output_dir)
-        grid = render_samples(
-            pipeline, args, conditioning, len(names or []), validation_prompts, guidance_scale, accelerator.device
-        )
+        grid = render_grid(pipeline, args, names, validation_prompts, guidance_scale, accelerator)
         save_image(grid, os.path.join(args.output_dir, SAMPLE_GRID_NAME))
         log_grid(accelerator, grid, global_step)
 
-        public_args = {name: value for name, value in vars(args).items() if name not in SECRET_ARGS}
-        write_text(os.path.join(args.output_dir, ARGS_FILE_NAME), json.dumps(public_args, indent=2, sort_keys=True))
+        training_args = portable_training_args(vars(args))
+        if resume is not None:
+            # what the checkpoint's run used where this run differs (this run's values are the arguments above)
+            settings_before = {name: old for name, (old, _) in resume.differences.items()}
+            training_args["resumed_from"] = {
+                "checkpoint": os.path.basename(os.path.normpath(resume.path)),
+                "step": resume.step,
+                "settings_before": portable_training_args(settings_before),
+            }
+        write_text(os.path.join(args.output_dir, ARGS_FILE_NAME), json.dumps(training_args, indent=2, sort_keys=True))
 
-        repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
-        if builtin:
-            dataset_name = DIGITS_DATASET_NAME
-            description = (
-                "scikit-learn's bundled handwritten digits (`sklearn.datasets.load_digits`, the UCI optical"
-                " recognition of handwritten digits test set): real 8x8 scans with 16 grey levels, 10 classes."
-            )
-        else:
-            dataset_name = args.dataset_name or args.train_data_dir
-            description = f"`{dataset_name}`, column `{args.image_column}`."
-        hyperparameters = {
-            "prediction_type": prediction_type,
-            "num_train_timesteps": num_train_timesteps,
-            "beta_schedule": noise_scheduler.config.get("beta_schedule", "n/a (flow)"),
-            "conditioning_dropout_prob": conditioning_dropout_prob,
-            "block_out_channels": list(sampling_unet.config.block_out_channels),
-            "parameters": f"{sum(p.numel() for p in sampling_unet.parameters()):,}",
-            "learning_rate": args.learning_rate,
-            "lr_scheduler": args.lr_scheduler,
-            "lr_warmup_steps": args.lr_warmup_steps,
-            "train_batch_size (total)": total_batch_size,
-            "max_train_steps": args.max_train_steps,
-            "use_ema": args.use_ema,
-            "ema_power": args.ema_power if args.use_ema else "n/a",
-            "snr_gamma": args.snr_gamma,
-            "mixed_precision": accelerator.mixed_precision,
-            "seed": args.seed,
-        }
-        if prediction_type == "flow":
-            hyperparameters["weighting_scheme"] = args.weighting_scheme
-        if text_encoder is not None:
-            hyperparameters["text_encoder"] = args.text_encoder_name_or_path or f"{pretrained} (text_encoder)"
-        if vae is not None:
-            hyperparameters["vae"] = args.vae_name_or_path or f"{pretrained} (vae)"
-        resumed = f" (resumed at step {initial_global_step})" if initial_global_step else ""
-        card = render_model_card(
-            args.model_card_template,
-            repo_id if args.push_to_hub else str(Path(args.output_dir).resolve()),
-            conditioning=conditioning,
-            dataset_name=dataset_name,
-            dataset_description=description,
-            num_train_samples=len(dataset),
-            resolution=args.resolution,
-            class_names=names,
-            validation_prompts=validation_prompts,
-            hyperparameters=hyperparameters,
-            training_steps=global_step,
-            training_time=f"{int(train_seconds // 60)} min {int(train_seconds % 60)} s on {accelerator.num_processes} process(es)"
-            f" ({accelerator.device.type}){resumed}",
-            sample_grid=SAMPLE_GRID_NAME,
-            sample_guidance_scale=guidance_scale,
-            sample_inference_steps=args.validation_inference_steps,
-            sample_eta=None if prediction_type == "flow" else args.validation_eta,
-            base_model=base_model,
+        card = build_model_card(
+            args,
+            pipeline,
+            TrainingRun(
+                num_train_samples=len(dataset),
+                training_steps=global_step,
+                train_seconds=train_seconds,
+                total_batch_size=total_batch_size,
+                num_processes=accelerator.num_processes,
+                device_type=accelerator.device.type,
+                mixed_precision=accelerator.mixed_precision,
+                sample_guidance_scale=guidance_scale,
+                resumed_from_step=initial_global_step,
+                validation_prompts=validation_prompts,
+                resumed_settings=resume.differences if resume is not None else {},
+            ),
         )
         write_text(os.path.join(args.output_dir, "README.md"), str(card))
         logger.info(f"Saved the pipeline, {SAMPLE_GRID_NAME} and the model card to {args.output_dir}")
@@ -1213,7 +1110,13 @@ def main(args: argparse.Namespace):
     # 9. publish last, so that a failed push leaves a complete local folder
     if args.push_to_hub and accelerator.is_main_process:
         try:
-            pushed = push_output_dir(args.output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo)
+            # the token comes from HF_TOKEN or `hf auth login`, never from the command line
+            pushed = push_output_dir(
+                args.output_dir,
+                hub_repo_id(args),
+                pipeline.hub_allow_patterns() + [SAMPLE_GRID_NAME, ARGS_FILE_NAME],
+                private=args.hub_private_repo,
+            )
         except PushToHubError as error:
             logger.error(str(error))
             raise
@@ -1228,26 +1131,6 @@ def load_sampling_weights(
         ema_unet.copy_to(sampling_unet.parameters())
     else:
         sampling_unet.load_state_dict(accelerator.unwrap_model(unet).state_dict())
-
-
-def save_image(image, path: str):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    staging = f"{path}.tmp-{os.getpid()}.png"
-    image.save(staging)
-    os.replace(staging, path)
-
-
-def write_text(path: str, text: str):
-    staging = f"{path}.tmp-{os.getpid()}"
-    with open(staging, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(staging, path)
-
-
-def log_grid(accelerator: Accelerator, grid, step: int):
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
 
 
 if __name__ == "__main__":

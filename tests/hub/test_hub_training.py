@@ -1,6 +1,8 @@
-"""`train_sculpt.py --push_to_hub` against the test Hub (hub_server.py), with a tiny U-Net and two steps."""
+"""Publishing against the test Hub (hub_server.py): `push_output_dir` and its printed `hf upload` command on a folder
+full of things that must stay local, and `train_sculpt.py --push_to_hub` with a tiny U-Net and two steps."""
 
 import hashlib
+import json
 import re
 import shlex
 import subprocess
@@ -14,7 +16,9 @@ from hub_server import HubServer
 from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
 from safetensors.torch import load_file
 
-from sculptdiff import SculptPipeline
+from sculptdiff import SculptPipeline, SculptScheduler, SculptUNet2DModel
+from sculptdiff.training.card import SAMPLE_GRID_NAME
+from sculptdiff.training.publish import ARGS_FILE_NAME, push_output_dir, upload_command
 
 
 # diffusers 0.42.1's ModelMixin/SchedulerMixin.from_pretrained pass `local_dir_use_symlinks` to hf_hub_download on
@@ -27,14 +31,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "training_scripts" / "train_sculpt.py"
 ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
 ACCELERATE_LAUNCH += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-# A class-conditional U-Net of 8-16 channels on 16 digits at 8x8; a checkpoint every step and TensorBoard logs,
-# so that there are checkpoint-* and logs/ folders for the push to leave out.
+# A class-conditional U-Net of 8-16 channels on 16 digits at 8x8; a checkpoint every step and TensorBoard logs in a
+# custom folder, so that there are checkpoint-* and log folders for the push to leave out.
 TINY_RUN = [
     "--resolution", "8", "--max_train_samples", "16", "--train_batch_size", "4", "--seed", "0",
     "--block_out_channels", "8", "16", "--norm_num_groups", "4", "--attention_levels", "0", "1",
     "--attention_head_dim", "8", "--num_train_timesteps", "100", "--lr_warmup_steps", "0",
     "--checkpointing_steps", "1", "--validation_steps", "100", "--num_validation_images", "1",
-    "--validation_inference_steps", "2", "--report_to", "tensorboard",
+    "--validation_inference_steps", "2", "--report_to", "tensorboard", "--logging_dir", "my-logs",
 ]  # fmt: skip
 PUBLISHED = {
     ".gitattributes",
@@ -51,6 +55,25 @@ PUBLISHED = {
 }
 
 
+# What an output folder may also hold and must never publish: secrets, other dotfiles (also inside a published
+# component folder), logs in a custom folder, staging folders of interrupted saves. (Training runs add their own
+# checkpoint-* folders; a fake one would be a checkpoint for `--resume_from_checkpoint latest` to refuse.)
+LOCAL_ONLY = {
+    ".env": "HF_TOKEN=hf_do_not_publish\n",
+    ".bash_history": "export HF_TOKEN=hf_do_not_publish\n",
+    "unet/.env": "HF_TOKEN=hf_do_not_publish\n",
+    "custom-logs/events.out.tfevents.1": "events",
+    ".checkpoint-5.staging/optimizer.bin": "half-written checkpoint",
+    ".tmp-save-x/unet/config.json": "{}",
+}
+
+
+def add_local_only_files(folder: Path):
+    for name, text in LOCAL_ONLY.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
 def train(launcher: list[str], env: dict, output_dir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*launcher, str(SCRIPT), *TINY_RUN, "--output_dir", str(output_dir), *args],
@@ -63,14 +86,14 @@ def train(launcher: list[str], env: dict, output_dir: Path, *args: str) -> subpr
 
 
 def digests(folder: Path, published_only: bool = False) -> dict[str, str]:
-    """sha256 of every file under `folder`, by relative path; only what a push publishes if asked."""
+    """sha256 of every file under `folder`, by relative path; only the files of `PUBLISHED` if asked."""
     files = {
         path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(folder.rglob("*"))
         if path.is_file()
     }
     if published_only:
-        files = {name: digest for name, digest in files.items() if not re.match(r"(checkpoint-\d+|logs)/", name)}
+        files = {name: digest for name, digest in files.items() if name in PUBLISHED}
     return files
 
 
@@ -80,8 +103,56 @@ def sample(pipe: SculptPipeline) -> np.ndarray:
     return pipe(class_labels=[1, 7], num_inference_steps=2, generator=generator, output_type="np").images
 
 
+def saved_pipeline(folder: Path) -> SculptPipeline:
+    """A tiny class-conditional SculptPipeline saved to `folder` with a card, a sample grid and run arguments."""
+    torch.manual_seed(0)
+    unet = SculptUNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        attention_levels=(False, True),
+        attention_head_dim=8,
+        norm_num_groups=4,
+        num_class_embeds=10,
+    )
+    pipeline = SculptPipeline(unet=unet, scheduler=SculptScheduler(num_train_timesteps=100))
+    pipeline.save_pretrained(folder)
+    (folder / "README.md").write_text("---\nlibrary_name: diffusers\n---\n# card\n")
+    (folder / SAMPLE_GRID_NAME).write_bytes(b"\x89PNG not really")
+    (folder / ARGS_FILE_NAME).write_text(json.dumps({"output_dir": "sculpt-digits"}))
+    return pipeline
+
+
+def test_push_uploads_exactly_the_allowlist_and_so_does_the_printed_command(hub, tmp_path):
+    output_dir = tmp_path / "sculpt-digits"
+    pipeline = saved_pipeline(output_dir)
+    add_local_only_files(output_dir)
+    (output_dir / "checkpoint-5").mkdir()
+    (output_dir / "checkpoint-5" / "optimizer.bin").write_bytes(b"optimizer state")
+    allow_patterns = pipeline.hub_allow_patterns() + [SAMPLE_GRID_NAME, ARGS_FILE_NAME]
+    local = digests(output_dir)
+
+    assert push_output_dir(str(output_dir), "ns/allow", allow_patterns, token=hub.token) == "ns/allow"
+    api = HfApi()
+    assert set(api.list_repo_files("ns/allow")) == PUBLISHED
+    published = digests(Path(snapshot_download("ns/allow")))
+    published.pop(".gitattributes")
+    assert published == digests(output_dir, published_only=True)
+
+    # The retry command a failed push prints, run verbatim, uploads the same files and nothing else.
+    command = shlex.split(upload_command("ns/allow-cli", str(output_dir), allow_patterns))
+    uploaded = subprocess.run(command, env=hub.env, capture_output=True, text=True, timeout=120)
+    assert uploaded.returncode == 0, uploaded.stderr
+    assert set(api.list_repo_files("ns/allow-cli")) == PUBLISHED
+    assert digests(output_dir) == local
+
+
 def test_training_run_publishes_the_output_and_a_second_run_commits_again(hub, tmp_path):
     output_dir = tmp_path / "sculpt-digits"
+    output_dir.mkdir()
+    add_local_only_files(output_dir)
     first = train(
         ACCELERATE_LAUNCH,
         hub.env,
@@ -93,11 +164,15 @@ def test_training_run_publishes_the_output_and_a_second_run_commits_again(hub, t
         "ns/digits",
     )
     assert first.returncode == 0, first.stderr
-    assert (output_dir / "checkpoint-2").is_dir() and (output_dir / "logs").is_dir()
+    assert (output_dir / "checkpoint-2").is_dir() and (output_dir / "my-logs").is_dir()
 
-    # The repo holds exactly the saved pipeline, card, sample grid and args: byte for byte, no checkpoints or logs.
+    # The repo holds exactly the saved pipeline, card, sample grid and args: byte for byte, no checkpoints, logs,
+    # dotfiles or staging folders; the published arguments name no folder of this machine.
     api = HfApi()
     assert set(api.list_repo_files("ns/digits")) == PUBLISHED
+    published_args = Path(hf_hub_download("ns/digits", ARGS_FILE_NAME)).read_text()
+    assert str(tmp_path) not in published_args and "hf_sculptdiff_test_token" not in published_args
+    assert json.loads(published_args)["logging_dir"] == "my-logs"
     first_commit = api.model_info("ns/digits").sha
     snapshot = Path(snapshot_download("ns/digits"))
     published = digests(snapshot)
@@ -139,6 +214,8 @@ def test_training_run_publishes_the_output_and_a_second_run_commits_again(hub, t
 def test_push_with_the_hub_down_fails_clearly_and_the_printed_command_publishes(hub, tmp_path):
     hub.stop()
     output_dir = tmp_path / "sculpt-digits"
+    output_dir.mkdir()
+    add_local_only_files(output_dir)
     failed = train(
         [sys.executable], hub.env, output_dir, "--max_train_steps", "2", "--push_to_hub", "--hub_model_id", "ns/later"
     )
@@ -152,7 +229,9 @@ def test_push_with_the_hub_down_fails_clearly_and_the_printed_command_publishes(
     assert {"README.md", "sample_grid.png", "model_index.json", "unet/diffusion_pytorch_model.safetensors"} <= set(
         local
     )
-    assert any(name.startswith("checkpoint-2/") for name in local) and any(name.startswith("logs/") for name in local)
+    assert any(name.startswith("checkpoint-2/") for name in local) and any(
+        name.startswith("my-logs/") for name in local
+    )
     expected = sample(SculptPipeline.from_pretrained(output_dir))
 
     # Hub back up (same data, new port): the printed command, run verbatim, publishes the folder and leaves it as is.

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
+from datasets import ClassLabel, Dataset, Features
+from datasets import Image as ImageFeature
 from PIL import Image
 
 from sculptdiff.training.data import (
@@ -11,6 +12,7 @@ from sculptdiff.training.data import (
     ImageTransform,
     check_columns,
     class_names,
+    class_value_names,
     collate_fn,
     image_mode_for_channels,
     load_training_dataset,
@@ -37,7 +39,9 @@ def test_builtin_digits_are_the_real_sklearn_digits(digits):
 
 @pytest.mark.parametrize("resolution", [16, 32])
 def test_digits_transform_upsamples_and_scales_to_minus_one_one(digits, resolution):
-    transform = ExampleTransform(ImageTransform(resolution, "L", center_crop=True), "image", "label", ["0"])
+    transform = ExampleTransform(
+        ImageTransform(resolution, "L", center_crop=True), "image", "label", class_value_names(digits, "label")
+    )
     batch = collate_fn(
         [{name: values[0] for name, values in transform(digits[index : index + 1]).items()} for index in range(4)]
     )
@@ -75,6 +79,86 @@ def test_class_values_that_are_not_class_label_ints_are_mapped_by_name():
     assert names == ["cat", "dog"]
     transform = ExampleTransform(ImageTransform(4, "L", center_crop=True), "image", "kind", names)
     assert transform(dataset[:3])["class_labels"] == [0, 1, 0]
+
+
+def test_integer_class_values_are_mapped_through_the_sorted_names():
+    # 1, 2, 3 are values, not ids: they train as 0, 1, 2, which is what the names (and id2label) say; as ids, 3 would
+    # be the null class of guidance.
+    dataset = Dataset.from_dict({"image": [Image.new("L", (4, 4))] * 4, "grade": [3, 1, 2, 3]})
+    names = class_value_names(dataset, "grade")
+    assert names == class_names(dataset, "grade") == ["1", "2", "3"]
+    transform = ExampleTransform(ImageTransform(4, "L", center_crop=True), "image", "grade", names)
+    assert transform(dataset[:4])["class_labels"] == [2, 0, 1, 2]
+
+    # numeric order, not string order: 10 comes after 9
+    dataset = Dataset.from_dict({"image": [Image.new("L", (4, 4))] * 3, "grade": [10, 9, 2]})
+    transform = ExampleTransform(
+        ImageTransform(4, "L", center_crop=True), "image", "grade", class_value_names(dataset, "grade")
+    )
+    assert class_names(dataset, "grade") == ["2", "9", "10"]
+    assert transform(dataset[:3])["class_labels"] == [2, 1, 0]
+
+
+def test_class_label_columns_keep_their_ids_and_names():
+    features = Features({"image": ImageFeature(), "kind": ClassLabel(names=["dog", "cat", "7"])})
+    dataset = Dataset.from_dict({"image": [Image.new("L", (4, 4))] * 3, "kind": [2, 0, 1]}, features=features)
+    assert class_names(dataset, "kind") == ["dog", "cat", "7"]
+    assert class_value_names(dataset, "kind") is None and class_value_names(dataset, None) is None
+    transform = ExampleTransform(
+        ImageTransform(4, "L", center_crop=True), "image", "kind", class_value_names(dataset, "kind")
+    )
+    assert transform(dataset[:3])["class_labels"] == [2, 0, 1]
+
+
+def test_a_class_value_outside_the_names_names_the_column():
+    transform = ExampleTransform(ImageTransform(4, "L", center_crop=True), "image", "grade", ["1", "2"])
+    with pytest.raises(ValueError, match="--class_column 'grade' holds 5, which is not one of its class names"):
+        transform({"image": [Image.new("L", (4, 4))], "grade": [5]})
+
+
+# A horizontal ramp over the whole range of each mode: black, dark grey, mid grey, white.
+RAMPS = {
+    "I;16": (np.array([[0, 4369, 32896, 65535]], dtype=np.uint16), [0, 17, 128, 255]),
+    "I;16B": (np.array([[0, 4369, 32896, 65535]], dtype=">u2"), [0, 17, 128, 255]),
+    "I": (np.array([[0, 4369, 32896, 65535]], dtype=np.int32), [0, 17, 128, 255]),
+    "F": (np.array([[0.0, 1 / 15, 128 / 255, 1.0]], dtype=np.float32), [0, 17, 128, 255]),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(RAMPS))
+@pytest.mark.parametrize("target", ["L", "RGB"])
+def test_16_bit_and_float_images_are_scaled_not_clipped(mode, target):
+    pixels, grey_levels = RAMPS[mode]
+    image = Image.frombytes(mode, (4, 1), pixels.tobytes()).resize((4, 4), Image.NEAREST)
+    assert image.mode == mode
+    tensor = ImageTransform(4, target, center_crop=True)(image)
+    expected = torch.tensor(grey_levels, dtype=torch.float32) / 127.5 - 1.0
+    # every channel of every row is the ramp: mid grey stays mid grey (PIL's convert("L") would clip it to white)
+    torch.testing.assert_close(tensor, expected.expand_as(tensor))
+
+
+def test_a_16_bit_png_from_an_image_folder_trains_as_grey(tmp_path):
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16)).save(tmp_path / "data" / "a" / "0.png")
+    dataset = load_training_dataset(train_data_dir=str(tmp_path / "data"))
+    assert dataset[0]["image"].mode == "I;16"
+    dataset.set_transform(ExampleTransform(ImageTransform(8, "L", center_crop=True), "image"))
+    torch.testing.assert_close(dataset[0]["pixel_values"], torch.full((1, 8, 8), 128 / 127.5 - 1.0))
+
+
+@pytest.mark.parametrize(
+    ("mode", "pixels", "message"),
+    [
+        ("I", np.array([[0, 70000]], dtype=np.int32), "mode 'I' image holds values in \\[0, 70000\\]"),
+        ("I", np.array([[-5, 10]], dtype=np.int32), "integer images are read as 16-bit"),
+        ("F", np.array([[0.0, 255.0]], dtype=np.float32), "float images are read as \\[0, 1\\]"),
+        ("F", np.array([[0.0, np.nan]], dtype=np.float32), "float images are read as \\[0, 1\\]"),
+    ],
+)
+def test_images_outside_their_modes_range_are_refused(mode, pixels, message):
+    image = Image.frombytes(mode, (2, 1), pixels.tobytes())
+    with pytest.raises(ValueError, match=message):
+        ImageTransform(2, "L", center_crop=True)(image)
 
 
 def test_captions_pass_through_as_strings():

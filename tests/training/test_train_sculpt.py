@@ -221,20 +221,119 @@ def test_two_processes_double_the_batch_and_write_once(tmp_path):
     assert sample(SculptPipeline.from_pretrained(output_dir)).shape == (2, 8, 8, 1)
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+def finite_weights(folder: Path) -> bool:
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+    return all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_divergence_names_a_checkpoint_whose_weights_train_on(tmp_path):
+    """Issue 12.4: the checkpoint named after a divergence must be one whose weights gave a finite loss.
+
+    Warm-up makes step 1's learning rate 0 (checkpoint-1 = the initial weights); step 2 applies ~1e30 and
+    checkpoint-2 holds finite but huge weights whose forward pass overflows at step 3.
+    """
     output_dir = tmp_path / "out"
-    # AdamW moves every weight by ~lr: 1e30 overflows the next forward pass
-    result = train(
-        output_dir,
-        "--max_train_steps", "4", "--checkpointing_steps", "1", "--learning_rate", "1e30", "--lr_scheduler", "constant",
-        check=False,
-    )  # fmt: skip
+    args = ["--max_train_steps", "4", "--checkpointing_steps", "1", "--lr_scheduler", "constant_with_warmup"]
+    args += ["--lr_warmup_steps", "2"]
+    result = train(output_dir, *args, "--learning_rate", "1e30", check=False)
     assert result.returncode != 0
-    assert re.search(r"FloatingPointError: Training stopped: the loss is (nan|inf) at step 2 ", result.stderr)
-    assert "checkpoint-1" in result.stderr
-    assert (output_dir / "checkpoint-1").is_dir() and not (output_dir / "checkpoint-2").exists()
-    assert not (output_dir / "model_index.json").exists()
+    assert re.search(r"TrainingDivergedError: Training stopped at step 3: the loss is (nan|inf)", result.stderr)
+    assert re.search(r"checkpoint-2 holds the weights that gave this loss: do not resume from it", result.stderr)
+    assert re.search(r"The newest good checkpoint is \S*checkpoint-1: resume from it", result.stderr)
+    assert finite_weights(output_dir / "checkpoint-2" / "unet")
+    assert finite_weights(output_dir / "checkpoint-1" / "unet")
     SculptUNet2DModel.from_pretrained(output_dir / "checkpoint-1", subfolder="unet")
+    assert not (output_dir / "checkpoint-3").exists() and not (output_dir / "model_index.json").exists()
+
+    # following the advice works: the named checkpoint trains on with a sane learning rate
+    resumed = train(output_dir, *args, "--resume_from_checkpoint", str(output_dir / "checkpoint-1"))
+    assert "learning_rate: 1e+30 in the checkpoint, 0.001 now" in resumed.stderr
+    assert finite_weights(output_dir / "unet")
+
+
+def test_divergence_on_the_last_step_keeps_a_good_output(tmp_path):
+    """Issue 12.4: `--learning_rate 1e30 --max_train_steps 1` exits non-zero and leaves the earlier output alone."""
+    output_dir = tmp_path / "out"
+    train(output_dir, "--max_train_steps", "1")
+    before = {name: (output_dir / name).read_bytes() for name in OUTPUT_FILES}
+    args = ["--max_train_steps", "1", "--learning_rate", "1e30", "--lr_scheduler", "constant"]
+    result = train(output_dir, *args, check=False)
+    assert result.returncode != 0
+    assert "The final weights give a non-finite loss" in result.stderr and "keeps what it held" in result.stderr
+    assert {name: (output_dir / name).read_bytes() for name in OUTPUT_FILES} == before
+
+
+def test_checkpointing_steps_do_not_change_the_weights(tmp_path):
+    """Issue 12.5: saving the EMA model must not draw from the training RNG."""
+    args = ["--max_train_steps", "4", "--max_train_samples", "8"]
+    often, rarely = tmp_path / "often", tmp_path / "rarely"
+    train(often, *args, "--checkpointing_steps", "1")
+    train(rarely, *args, "--checkpointing_steps", "100")
+    assert (often / "checkpoint-3").is_dir() and not (rarely / "checkpoint-3").exists()
+    a, b = (load_file(path / "unet" / "diffusion_pytorch_model.safetensors") for path in (often, rarely))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_latest_resumes_only_a_checkpoint_of_the_same_run(tmp_path):
+    """Issue 12.2 and 12.3: another run's checkpoint is refused by `latest`; an explicit path applies this run's
+    learning rate and says so, in the log and in training_args.json."""
+    output_dir = tmp_path / "shared"
+    train(output_dir, "--max_train_steps", "4", "--checkpointing_steps", "2")
+
+    other = train(output_dir, "--max_train_steps", "4", "--learning_rate", "5e-4", "--seed", "1",
+                  "--resume_from_checkpoint", "latest", check=False)  # fmt: skip
+    assert other.returncode != 0
+    message = other.stderr[other.stderr.index("ValueError: The newest checkpoint") :]
+    assert (
+        "learning_rate: 0.001 in the checkpoint, 0.0005 now" in message
+        and "seed: 0 in the checkpoint, 1 now" in message
+    )
+    assert (
+        "Use another --output_dir" in message and f"--resume_from_checkpoint {output_dir / 'checkpoint-4'}" in message
+    )
+    assert not re.search(r"Resuming from", other.stderr)
+
+    shorter = train(output_dir, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", check=False)
+    assert shorter.returncode != 0 and "is at step 4, past --max_train_steps 3" in shorter.stderr
+
+    # on purpose: the explicit path resumes with the new learning rate, applied from step 3
+    args = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "5e-4", "--lr_scheduler"]
+    explicit = train(output_dir, *args, "constant", "--resume_from_checkpoint", "checkpoint-2")
+    assert "was trained with other settings: learning_rate: 0.001 in the checkpoint, 0.0005 now" in explicit.stderr
+    optimizer = torch.load(output_dir / "checkpoint-4" / "optimizer.bin", weights_only=True)
+    assert [group["lr"] for group in optimizer["param_groups"]] == [5e-4]
+    training_args = json.loads((output_dir / "training_args.json").read_text())
+    assert training_args["learning_rate"] == 5e-4
+    assert training_args["resumed_from"]["checkpoint"] == "checkpoint-2"
+    assert training_args["resumed_from"]["settings_before"] == {"learning_rate": 0.001, "lr_scheduler": "cosine"}
+    card = (output_dir / "README.md").read_text()
+    assert "- `learning_rate`: 0.001 until step 2, then 0.0005" in card
+    assert "- `lr_scheduler`: cosine until step 2, then constant" in card
+
+
+def test_latest_skips_checkpoints_with_truncated_files(tmp_path):
+    """Issue 12.8: every file of a checkpoint is read back before `latest` chooses it."""
+    output_dir = tmp_path / "out"
+    args = ["--max_train_steps", "5", "--checkpointing_steps", "1"]
+    train(output_dir, *args)
+    expected = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    broken = {
+        5: "optimizer.bin",
+        4: "scheduler.bin",
+        3: "random_states_0.pkl",
+        2: "unet_ema/diffusion_pytorch_model.safetensors",
+    }
+    for step, name in broken.items():
+        path = output_dir / f"checkpoint-{step}" / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    resumed = train(output_dir, *args, "--resume_from_checkpoint", "latest")
+    for step, name in broken.items():
+        assert re.search(rf"Skipping checkpoint \S*checkpoint-{step}: {re.escape(name)} is unreadable", resumed.stderr)
+    assert re.search(r"Resuming from checkpoint \S*checkpoint-1\b", resumed.stderr)
+    # the resume is exact: the same weights as the unbroken run
+    actual = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
 
 
 def test_fine_tuning_a_saved_pipeline(trained, tmp_path):
@@ -245,7 +344,8 @@ def test_fine_tuning_a_saved_pipeline(trained, tmp_path):
     assert base.keys() == tuned.keys() and any(not torch.equal(base[name], tuned[name]) for name in base)
     config = json.loads((output_dir / "unet" / "config.json").read_text())
     assert config["id2label"]["7"] == "7" and config["conditioning_dropout_prob"] == 0.1
-    assert f"fine-tuned from `{trained}`" in (output_dir / "README.md").read_text()
+    card = (output_dir / "README.md").read_text()
+    assert f"fine-tuned from `{trained.name}`" in card and str(trained) not in card
     assert sample(SculptPipeline.from_pretrained(output_dir)).shape == (2, 8, 8, 1)
 
 
@@ -362,15 +462,32 @@ def test_push_without_a_reachable_hub_fails_after_the_output_is_complete(tmp_pat
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     output_dir = tmp_path / "out"
-    env = subprocess_env(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "home"))
-    args = ["--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/digits", "--hub_token", "hf_SECRET"]
+    env = subprocess_env(
+        HF_ENDPOINT=f"http://127.0.0.1:{port}",
+        HF_HUB_OFFLINE="0",
+        HF_HOME=str(tmp_path / "home"),
+        HF_TOKEN="hf_SECRET",
+    )
+    args = ["--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/digits"]
     result = train(output_dir, *args, env=env, check=False)
     assert result.returncode != 0
-    assert f"hf upload me/digits {output_dir} --exclude 'checkpoint-*' --exclude 'logs/*'" in result.stderr
+    assert f"hf upload me/digits {output_dir} --include model_index.json" in result.stderr
+    assert "--include sample_grid.png --include training_args.json" in result.stderr
     assert OUTPUT_FILES <= files(output_dir)
     assert "me/digits" in (output_dir / "README.md").read_text()
+    assert "hf_SECRET" not in result.stderr + result.stdout
     for name in files(output_dir):
         assert b"hf_SECRET" not in (output_dir / name).read_bytes(), name
+    # what is uploaded names no folder of this machine
+    training_args = json.loads((output_dir / "training_args.json").read_text())
+    assert not any(isinstance(value, str) and os.path.isabs(value) for value in training_args.values())
+
+
+def test_hub_token_is_refused_without_repeating_it(script, tmp_path):
+    """Issue 12.11: a token on the command line would reach logs; the error says what to do instead."""
+    with pytest.raises(ValueError, match=r"--hub_token is not accepted.*`hf auth login`.*HF_TOKEN") as error:
+        script.parse_args(["--output_dir", str(tmp_path), "--hub_token", "hf_SECRET"])
+    assert "hf_SECRET" not in str(error.value)
 
 
 @pytest.fixture(scope="module")
@@ -408,6 +525,9 @@ def test_bad_input_fails_before_the_first_step(script, tmp_path, args, message):
         (["--rescale_betas_zero_snr"], "add --prediction_type v_prediction"),
         (["--conditioning_dropout_prob", "1.0"], "--conditioning_dropout_prob must be in [0, 1)"),
         (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be >= 1"),
+        (["--resolution", "0"], "--resolution must be >= 1, got 0"),
+        (["--resolution", "-16"], "--resolution must be >= 1, got -16"),
+        (["--attention_levels", "0", "1"], "--attention_levels needs one 0/1 flag per level of --block_out_channels (3 levels)"),
     ],
 )  # fmt: skip
 def test_bad_flag_combinations_fail_in_parse_args(script, args, message):

@@ -88,6 +88,14 @@ def class_names(dataset: Dataset, class_column: str) -> list[str]:
     return [str(value) for value in sorted(set(dataset[class_column]))]
 
 
+def class_value_names(dataset: Dataset, class_column: str | None) -> list[str] | None:
+    """What `ExampleTransform(class_names=...)` maps the class column through: None for no column or a `ClassLabel`
+    (its values are its ids), else the sorted names `class_names` gives (an integer column 1, 2, 3 -> ids 0, 1, 2)."""
+    if class_column is None or isinstance(dataset.features[class_column], ClassLabel):
+        return None
+    return class_names(dataset, class_column)
+
+
 def image_mode_for_channels(num_channels: int) -> str:
     """The PIL mode images are converted to, from the channel count of what the model reads (U-Net or VAE)."""
     if num_channels == 1:
@@ -97,8 +105,41 @@ def image_mode_for_channels(num_channels: int) -> str:
     raise ValueError(f"Images can feed 1 (grey) or 3 (RGB) channels, not {num_channels}; check in_channels.")
 
 
+def to_8bit(image: PILImage.Image) -> PILImage.Image:
+    """A 16-bit or float grey image as the "L" image of the same picture; 8-bit images are returned as they are.
+
+    PIL's own `convert("L")` clips these modes at 255 instead of scaling them, which turns them white. The rules:
+    - "I;16" (and "I;16B", "I;16L", "I;16N"): 0..65535, the 16-bit PNG/TIFF range, scaled by 1/257 (65535 -> 255).
+    - "I" (32-bit integers): the mode PIL holds 16-bit data in (`convert("I")` of an "I;16" image), so read as
+      0..65535 like "I;16"; values outside that range are refused rather than guessed at.
+    - "F" (32-bit float): the float image convention of diffusers' image processors and torchvision, [0, 1],
+      scaled by 255; values outside [0, 1] (or NaN) are refused.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image, dtype=np.float64)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise ValueError(
+                f"A mode {image.mode!r} image holds values in [{pixels.min():g}, {pixels.max():g}]; integer images"
+                " are read as 16-bit (0..65535). Rescale the data to 0..65535, or save it as 8-bit."
+            )
+        pixels = pixels / 257.0
+    elif image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        if not (np.isfinite(pixels).all() and pixels.min() >= 0.0 and pixels.max() <= 1.0):
+            raise ValueError(
+                f"A mode 'F' image holds values in [{np.nanmin(pixels):g}, {np.nanmax(pixels):g}]; float images are"
+                " read as [0, 1]. Rescale the data to [0, 1], or save it as 8-bit."
+            )
+        pixels = pixels * 255.0
+    else:
+        return image
+    return PILImage.fromarray(np.round(pixels).astype(np.uint8))
+
+
 class ImageTransform:
     """PIL image -> float tensor (C, H, W) in [-1, 1]: convert mode, resize the short side, crop, scale.
+
+    16-bit and float grey images ("I;16", "I", "F") are first brought to 8 bits by their range (see `to_8bit`).
 
     Args:
         resolution: side of the square output.
@@ -115,6 +156,7 @@ class ImageTransform:
         self.center_crop = center_crop
 
     def __call__(self, image: PILImage.Image) -> torch.Tensor:
+        image = to_8bit(image)
         if image.mode in ("RGBA", "LA", "P") and self.mode == "RGB":
             # Transparent pixels become white, not the black that a plain convert("RGB") gives.
             background = PILImage.new("RGBA", image.size, (255, 255, 255, 255))
@@ -146,8 +188,10 @@ class ExampleTransform:
     Args:
         image_transform: the per-image transform.
         image_column: column holding the images.
-        class_column: column holding class labels (ints of a `ClassLabel`, or values listed in `class_names`).
-        class_names: names in label order, to map non-integer class values to label ids.
+        class_column: column holding class labels.
+        class_names: for a column that is not a `ClassLabel`: its sorted names (`class_value_names`); every value
+            is mapped to the index of `str(value)` among them. None when the column is a `ClassLabel`, whose values
+            are its ids.
         caption_column: column holding captions (a string, or a list of strings of which one is picked at random).
 
     Captions stay strings: the training loop encodes them with the pipeline's own `encode_prompt`, so training and
@@ -165,16 +209,14 @@ class ExampleTransform:
         self.image_transform = image_transform
         self.image_column = image_column
         self.class_column = class_column
-        self.class_index = {name: index for index, name in enumerate(class_names or [])}
+        self.class_index = {name: index for index, name in enumerate(class_names)} if class_names is not None else None
         self.caption_column = caption_column
 
     def __call__(self, examples: dict) -> dict:
         batch = {"pixel_values": [self.image_transform(image) for image in examples[self.image_column]]}
         if self.class_column is not None:
-            batch["class_labels"] = [
-                value if isinstance(value, int) else self.class_index[str(value)]
-                for value in examples[self.class_column]
-            ]
+            values = examples[self.class_column]
+            batch["class_labels"] = values if self.class_index is None else [self._class_id(value) for value in values]
         if self.caption_column is not None:
             captions = []
             for caption in examples[self.caption_column]:
@@ -190,6 +232,16 @@ class ExampleTransform:
                     )
             batch["captions"] = captions
         return batch
+
+    def _class_id(self, value) -> int:
+        # Every value goes through the names, integers too: a column of 1, 2, 3 trains as ids 0, 1, 2, which is
+        # what `class_names` (and so the U-Net's id2label) says.
+        if str(value) not in self.class_index:
+            raise ValueError(
+                f"--class_column {self.class_column!r} holds {value!r}, which is not one of its class names"
+                f" {list(self.class_index)}."
+            )
+        return self.class_index[str(value)]
 
 
 def collate_fn(examples: list[dict]) -> dict:

@@ -1,0 +1,68 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sculptdiff.models.unet_sculpt import SculptUNet2DModel
+from sculptdiff.schedulers.scheduling_sculpt import SculptScheduler
+from sculptdiff.schedulers.scheduling_sculpt_flow import SculptFlowScheduler
+from sculptdiff.training.recipe import RECIPE, build_ema, build_noise_scheduler, build_unet, default_unet_config
+
+
+DIGITS = {"sample_size": 16, "in_channels": 1, "out_channels": 1, "num_class_embeds": 10}
+
+
+def test_default_unet_is_the_measured_digits_model():
+    unet = build_unet(**DIGITS, prediction_type=RECIPE.prediction_type)
+    # the size the README and the benchmarks quote for the default run
+    assert sum(parameter.numel() for parameter in unet.parameters()) == 1_192_641
+    assert tuple(unet.config.block_out_channels) == (32, 64, 64)
+    assert tuple(unet.config.attention_levels) == (False, False, True)
+    assert unet.config.prediction_type == "epsilon"
+
+
+def test_build_unet_overrides_a_given_config_and_returns_fresh_dicts():
+    tiny = {**default_unet_config(), "block_out_channels": (8, 16), "attention_levels": (False, True)}
+    tiny["layers_per_block"] = 2
+    unet = build_unet(tiny, attention_head_dim=8, **DIGITS)
+    assert tuple(unet.config.block_out_channels) == (8, 16)
+    config = default_unet_config()
+    config["block_out_channels"] = (1,)
+    assert default_unet_config()["block_out_channels"] == (32, 64, 64)
+    # the norm groups of the given config stay, the recipe's do not come back
+    assert unet.config.norm_num_groups == 8 and unet.config.layers_per_block == 2
+
+
+def test_noise_scheduler_of_each_objective():
+    scheduler = build_noise_scheduler()
+    assert type(scheduler) is SculptScheduler
+    assert scheduler.config.beta_schedule == "squaredcos_cap_v2" and scheduler.config.timestep_spacing == "trailing"
+    assert scheduler.config.clip_sample is True and scheduler.config.num_train_timesteps == 1000
+
+    latent = build_noise_scheduler("v_prediction", 100, "linear", rescale_betas_zero_snr=True, clip_sample=False)
+    assert latent.config.prediction_type == "v_prediction" and latent.config.clip_sample is False
+    assert latent.alphas_cumprod[-1] == 0 and latent.config.num_train_timesteps == 100
+
+    flow = build_noise_scheduler("flow", 100)
+    assert type(flow) is SculptFlowScheduler and flow.config.num_train_timesteps == 100
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr changes a beta schedule"):
+        build_noise_scheduler("flow", rescale_betas_zero_snr=True)
+
+
+def test_ema_warms_up_and_saves_a_folder_of_the_models_class(tmp_path):
+    torch.manual_seed(0)
+    unet = build_unet(
+        **DIGITS, block_out_channels=(8, 16), attention_levels=(False, True), attention_head_dim=8, norm_num_groups=4
+    )
+    ema = build_ema(unet)
+    # crowsonkb's warm-up: 1 - (1 + step / inv_gamma) ** -power, capped at ema_decay
+    assert ema.get_decay(11) == pytest.approx(1 - 11 ** (-3 / 4))
+    assert ema.get_decay(10**9) == RECIPE.ema_decay
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.add_(1.0)
+    ema.step(unet.parameters())
+    ema.save_pretrained(tmp_path / "ema")
+    saved = SculptUNet2DModel.from_pretrained(tmp_path / "ema")
+    weights = load_file(tmp_path / "ema" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(weights[name], value) for name, value in unet.state_dict().items())
+    assert saved.config.num_class_embeds == 10
