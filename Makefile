@@ -15,6 +15,7 @@ test:
 	python -m pytest -n 2
 
 bench:  # needs the bench extra: pip install -e ".[bench]"
+	python benchmarks/bench_metric.py
 	python benchmarks/bench_unet.py
 	python benchmarks/bench_speed.py
 	python benchmarks/bench_quality.py

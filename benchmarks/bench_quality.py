@@ -9,64 +9,57 @@ Models, all class-conditional on the built-in digits (train split only; the held
 reference), trained in this process by one plain loop under the same wall-clock budget, batch, optimiser, learning
 rate schedule, gradient clipping and EMA:
 
-- `sculptdiff`: SculptUNet2DModel + SculptScheduler, the training script's default recipe (its U-Net config, cosine
-  betas, "trailing" spacing, epsilon, lr 1e-3 with warm-up and cosine decay, its batch size, EMA with warm-up, label
-  dropout 0.1 in the U-Net's embedder);
+- `sculptdiff`: SculptUNet2DModel + SculptScheduler, the default recipe of `sculptdiff.training.recipe` (the
+  training script's defaults: its U-Net config, cosine betas, "trailing" spacing, epsilon, lr 1e-3 with warm-up and
+  cosine decay, its batch size, EMA with warm-up, label dropout 0.1 in the U-Net's embedder);
 - `stock`: diffusers' UNet2DModel + DDPMScheduler with its defaults (linear betas, epsilon), at the same parameter
-  count (+6%, bench_unet.py's DDPM layout), class-conditional with `num_class_embeds = classes + 1` and the same
-  label dropout done in the loop, so that both can be guided;
+  count (+6%, DDPM's layout, `harness.build_stock_digits_unet`), class-conditional with a null-class row for
+  guidance and the same label dropout done before the loss, so that both can be guided;
 - `sculptdiff-flow` (`--with_flow`, on by default): the same U-Net trained with the rectified-flow objective
   (SculptFlowScheduler).
 
 Why in-process rather than `accelerate launch training_scripts/train_sculpt.py`: the stock model cannot go through
 the script (it builds SculptUNet2DModel only), and equal treatment is easiest to guarantee with one loop for all.
-The models train *interleaved*, one step each in turn, each with its own clock: the machine's load (shared cores)
-then falls on all models alike, which a sequential run cannot promise. The script's cosine learning-rate decay runs
-over `--max_train_steps`, unknown under a time budget, so here it runs over the fraction of the budget spent.
+Each step is the package's training step (`sculptdiff.training.objective.diffusion_loss`, then backward, clipping,
+AdamW and EMA as the script does them). The models train *interleaved*, one step each in turn, each with its own
+clock: the machine's load (shared cores) then falls on all models alike, which a sequential run cannot promise. The
+script's cosine learning-rate decay runs over `--max_train_steps`, unknown under a time budget, so here it runs over
+the fraction of the budget spent.
 
-Then every model samples `--num_samples` images (class i % 10 for image i, the same starting noise for every set)
-with several samplers and step counts (DDIM, DPM-Solver++ plain and with thresholding, SculptScheduler eta=0; flow
-Euler and Heun), and each set is scored by `sculptdiff.training.evaluation.DigitsEvaluator`:
+Then every model samples `--num_samples` images through SculptPipeline (class i % 10 for image i, the same starting
+noise for every set) with several samplers and step counts (DDIM, DPM-Solver++ plain and with thresholding,
+SculptScheduler eta=0; flow Euler and Heun), and each set is scored by `sculptdiff.evaluation.digits.DigitsEvaluator`:
 Frechet distance (FD) in a digits classifier's feature space, class accuracy, class coverage, k-NN precision and
-recall. The sets run in priority order (the cells the targets need first) and the results file is rewritten after
-each set, so a run stopped early still reports what it measured. Writes benchmarks/results/quality-<date>.md (+ .json,
-an FD-vs-steps plot and a sample grid). Needs matplotlib for the PNGs (the `bench` extra).
+recall, read against its calibration rows (real digits drawn for the same labels, the floor and its noise band over
+several draws; blurred, noisy, collapsed digits). The sets run in priority order (the cells the targets need first)
+and the results file is rewritten after each set, so a run stopped early still reports what it measured. Writes
+benchmarks/results/quality-<date>.md (+ .json, an FD-vs-steps plot and a sample grid). Needs matplotlib for the PNGs
+(the `bench` extra).
 """
 
 import argparse
-import copy
-import datetime
-import importlib.util
-import inspect
-import json
 import math
 import os
-import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
 
-import diffusers
+import harness
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.training_utils import EMAModel
-from diffusers.utils.torch_utils import randn_tensor
+from harness import NUM_CLASSES
 
+from sculptdiff.evaluation.digits import DigitsEvaluator, digits_split_indices
 from sculptdiff.models.unet_sculpt import SculptUNet2DModel
 from sculptdiff.pipelines.sculpt.pipeline_sculpt import SculptPipeline
 from sculptdiff.schedulers.scheduling_sculpt import SculptScheduler
 from sculptdiff.schedulers.scheduling_sculpt_flow import SculptFlowScheduler
 from sculptdiff.training.data import ExampleTransform, ImageTransform, collate_fn, load_digits_dataset
-from sculptdiff.training.evaluation import DigitsEvaluator, digits_split_indices
-
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TRAIN_SCRIPT = REPO_ROOT / "training_scripts" / "train_sculpt.py"
-NUM_CLASSES = 10
+from sculptdiff.training.objective import diffusion_loss
+from sculptdiff.training.recipe import RECIPE, build_ema, build_noise_scheduler
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -117,7 +110,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output_dir",
         type=str,
-        default=str(REPO_ROOT / "benchmarks" / "results"),
+        default=str(harness.RESULTS_DIR),
         help="Where quality-<date>.md/.json/.png are written.",
     )
     parser.add_argument(
@@ -165,35 +158,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_training_script():
-    """training_scripts/train_sculpt.py as a module: its defaults are the recipe this benchmark trains."""
-    spec = importlib.util.spec_from_file_location("train_sculpt", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def stock_unet_config(resolution: int) -> dict:
-    """diffusers' UNet2DModel in the layout benchmarks/bench_unet.py chose for the stock side: DDPM's CIFAR-10 model
-    (`google/ddpm-cifar10-32`: channel multipliers (1, 2, 2, 2), 2 residual blocks per level, single-head attention
-    at the second level and in the mid block, additive time embedding), at base width 24 so that its size matches
-    the recipe's SculptUNet2DModel: 1,266,337 vs 1,192,641 parameters (+6.2%, the closest this layout gets; the
-    extra parameters are on the stock side). GroupNorm with 8 groups, as 24 channels cannot make DDPM's 32."""
-    return {
-        "sample_size": resolution,
-        "in_channels": 1,
-        "out_channels": 1,
-        "block_out_channels": (24, 48, 48, 48),
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        "layers_per_block": 2,
-        "attention_head_dim": None,
-        "norm_num_groups": 8,
-        # one more row than classes: index NUM_CLASSES is the null class of classifier-free guidance
-        "num_class_embeds": NUM_CLASSES + 1,
-    }
-
-
 @dataclass
 class Run:
     """One model under training: its network, objective, optimiser, EMA, data and clock."""
@@ -214,48 +178,34 @@ class Run:
     losses: list = field(default_factory=list)
 
 
-def build_runs(args: argparse.Namespace, recipe: argparse.Namespace, script) -> list[Run]:
-    data_config = {
-        "sample_size": args.resolution,
-        "in_channels": 1,
-        "out_channels": 1,
-        "num_class_embeds": NUM_CLASSES,
-        "id2label": {str(index): str(index) for index in range(NUM_CLASSES)},
-        "conditioning_dropout_prob": 0.1,  # the script's default (Ho & Salimans 2022)
-        "prediction_type": "epsilon",
-    }
-    runs = []
+def build_runs(args: argparse.Namespace) -> list[Run]:
     torch.manual_seed(args.seed)
-    unet, _ = script.build_unet(recipe, data_config, None)
-    # the script's noise scheduler for a new pixel-space epsilon model (train_sculpt.py, main(), step 4)
-    noise_scheduler = SculptScheduler(
-        num_train_timesteps=recipe.num_train_timesteps,
-        beta_schedule=recipe.beta_schedule,
-        prediction_type="epsilon",
-        clip_sample=True,
-        timestep_spacing="trailing",
-    )
-    runs.append(Run("sculptdiff", unet, noise_scheduler, "epsilon", drop_labels_in_loop=False))
-
+    runs = [
+        Run(
+            "sculptdiff",
+            harness.build_sculpt_digits_unet(args.resolution),
+            build_noise_scheduler(),
+            "epsilon",
+            drop_labels_in_loop=False,
+        )
+    ]
     torch.manual_seed(args.seed)
-    # diffusers' defaults, as its train_unconditional.py example uses them (linear betas 1e-4 .. 0.02, T = 1000)
     runs.append(
         Run(
             "stock",
-            UNet2DModel(**stock_unet_config(args.resolution)),
-            DDPMScheduler(num_train_timesteps=1000),
+            harness.build_stock_digits_unet(args.resolution),
+            harness.build_stock_noise_scheduler(),
             "epsilon",
             drop_labels_in_loop=True,
         )
     )
     if args.with_flow:
         torch.manual_seed(args.seed)
-        flow_unet, _ = script.build_unet(recipe, {**data_config, "prediction_type": "flow"}, None)
         runs.append(
             Run(
                 "sculptdiff-flow",
-                flow_unet,
-                SculptFlowScheduler(num_train_timesteps=recipe.num_train_timesteps),
+                harness.build_sculpt_digits_unet(args.resolution, prediction_type="flow"),
+                build_noise_scheduler(prediction_type="flow"),
                 "flow",
                 drop_labels_in_loop=False,
             )
@@ -269,22 +219,16 @@ def build_runs(args: argparse.Namespace, recipe: argparse.Namespace, script) -> 
         run.model.train()
         run.optimizer = torch.optim.AdamW(
             run.model.parameters(),
-            lr=recipe.learning_rate,
-            betas=(recipe.adam_beta1, recipe.adam_beta2),
-            weight_decay=recipe.adam_weight_decay,
-            eps=recipe.adam_epsilon,
+            lr=RECIPE.learning_rate,
+            betas=(RECIPE.adam_beta1, RECIPE.adam_beta2),
+            weight_decay=RECIPE.adam_weight_decay,
+            eps=RECIPE.adam_epsilon,
         )
-        run.ema = EMAModel(
-            run.model.parameters(),
-            decay=recipe.ema_decay,
-            use_ema_warmup=True,
-            inv_gamma=recipe.ema_inv_gamma,
-            power=recipe.ema_power,
-        )
+        run.ema = build_ema(run.model)
         # the same seed for every model: the same batches in the same order, the same noise draws
         run.dataloader = torch.utils.data.DataLoader(
             dataset,
-            batch_size=recipe.train_batch_size,
+            batch_size=RECIPE.train_batch_size,
             shuffle=True,
             collate_fn=collate_fn,
             generator=torch.Generator().manual_seed(args.seed),
@@ -303,35 +247,31 @@ def next_batch(run: Run) -> dict:
         return next(run.batches)
 
 
-def train_step(run: Run, recipe: argparse.Namespace, budget_seconds: float):
-    """One optimisation step, as train_sculpt.py's loop does it for a class-conditional pixel model."""
+def train_step(run: Run, budget_seconds: float):
+    """One optimisation step of the package's training step, as train_sculpt.py takes it for a class-conditional
+    pixel model."""
     # learning rate: linear warm-up, then cosine decay over the time budget (see the module docstring)
-    warmup = min(1.0, (run.steps + 1) / recipe.lr_warmup_steps)
+    warmup = min(1.0, (run.steps + 1) / RECIPE.lr_warmup_steps)
     decay = 0.5 * (1.0 + math.cos(math.pi * min(1.0, run.seconds / budget_seconds)))
     for group in run.optimizer.param_groups:
-        group["lr"] = recipe.learning_rate * warmup * decay
+        group["lr"] = RECIPE.learning_rate * warmup * decay
 
     batch = next_batch(run)
-    latents, class_labels = batch["pixel_values"], batch["class_labels"]
-    bsz = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=run.generator)
-    if run.objective == "flow":
-        # rectified flow, uniform t (the script's default weighting): x_t = (1 - t) x_0 + t eps, v = eps - x_0
-        timesteps = torch.rand(bsz, generator=run.generator) * run.noise_scheduler.config.num_train_timesteps
-        noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = run.noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        timesteps = torch.randint(0, run.noise_scheduler.config.num_train_timesteps, (bsz,), generator=run.generator)
-        noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = noise
+    class_labels = batch["class_labels"]
     if run.drop_labels_in_loop:
-        # the stock U-Net has no null-class dropout: DiT's token_drop, done here with the same probability
-        drop = torch.rand(bsz, generator=run.generator) < 0.1
+        # the stock U-Net has no label dropout of its own: DiT's token_drop, here, with the recipe's probability
+        drop = torch.rand(class_labels.shape[0], generator=run.generator) < RECIPE.conditioning_dropout_prob
         class_labels = torch.where(drop, NUM_CLASSES, class_labels)
-    prediction = run.model(noisy, timesteps, class_labels=class_labels).sample
-    loss = F.mse_loss(prediction.float(), target.float())
+    loss = diffusion_loss(
+        run.model,
+        run.noise_scheduler,
+        batch["pixel_values"],
+        run.objective,
+        class_labels=class_labels,
+        generator=run.generator,
+    )
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(run.model.parameters(), recipe.max_grad_norm)
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), RECIPE.max_grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad()
     run.ema.step(run.model.parameters())
@@ -339,7 +279,7 @@ def train_step(run: Run, recipe: argparse.Namespace, budget_seconds: float):
     run.losses.append(loss.item())
 
 
-def train_interleaved(runs: list[Run], recipe: argparse.Namespace, budget_seconds: float, log):
+def train_interleaved(runs: list[Run], budget_seconds: float, log):
     """One step of each model in turn until each has used its budget; only its own steps count on its clock."""
     # one untimed forward and backward per model first: one-time kernel set-up must not land on one model's clock
     for run in runs:
@@ -353,7 +293,7 @@ def train_interleaved(runs: list[Run], recipe: argparse.Namespace, budget_second
             if run.seconds >= budget_seconds:
                 continue
             start = time.perf_counter()
-            train_step(run, recipe, budget_seconds)
+            train_step(run, budget_seconds)
             run.seconds += time.perf_counter() - start
         elapsed = min(run.seconds for run in runs)
         if elapsed >= next_report:
@@ -398,83 +338,25 @@ def samplers_for(run: Run) -> list[Sampler]:
     ]
 
 
-@torch.no_grad()
 def sample(
-    model: torch.nn.Module,
-    scheduler,
-    class_labels: torch.Tensor,
-    num_steps: int,
-    guidance_scale: float,
-    resolution: int,
-    seed: int,
+    model: torch.nn.Module, scheduler, class_labels: torch.Tensor, num_steps: int, guidance_scale: float, seed: int
 ) -> tuple[torch.Tensor, int]:
-    """SculptPipeline's denoising loop (checked against it in `check_loop_matches_pipeline`), written out so that the
-    stock UNet2DModel, whose null class is not where SculptPipeline looks for it, samples through the same code.
-
-    Returns images in [-1, 1] and the number of network evaluations per image (NFE).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    scheduler.set_timesteps(num_steps)
-    shape = (class_labels.shape[0], 1, resolution, resolution)
-    latents = randn_tensor(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
-    guided = guidance_scale > 1.0
-    labels = torch.cat([torch.full_like(class_labels, NUM_CLASSES), class_labels]) if guided else class_labels
-    step_parameters = set(inspect.signature(scheduler.step).parameters)
-    extra = {"generator": generator} if "generator" in step_parameters else {}
-    for t in scheduler.timesteps:
-        model_input = torch.cat([latents] * 2) if guided else latents
-        model_input = scheduler.scale_model_input(model_input, t)
-        output = model(model_input, t, class_labels=labels).sample
-        if guided:
-            output_uncond, output_cond = output.chunk(2)
-            output = output_uncond + guidance_scale * (output_cond - output_uncond)
-        latents = scheduler.step(output, t, latents, **extra, return_dict=False)[0]
-    return latents.clamp(-1, 1), len(scheduler.timesteps)
-
-
-def check_loop_matches_pipeline(model: SculptUNet2DModel, scheduler, resolution: int) -> float:
-    """Largest pixel difference (in [0, 1] units) between `sample` and SculptPipeline on 10 guided images."""
-    labels = torch.arange(NUM_CLASSES)
-    pipeline = SculptPipeline(unet=model, scheduler=copy.deepcopy(scheduler))
+    """Images in [-1, 1] from SculptPipeline, and the number of network evaluations per image (NFE)."""
+    pipeline = SculptPipeline(unet=model, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
-    reference = pipeline(
-        class_labels=labels.tolist(),
-        num_inference_steps=5,
-        guidance_scale=2.0,
-        generator=torch.Generator().manual_seed(123),
+    images = pipeline(
+        class_labels=class_labels,
+        num_inference_steps=num_steps,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(seed),
         output_type="pt",
     ).images
-    ours, _ = sample(model, copy.deepcopy(scheduler), labels, 5, 2.0, resolution, 123)
-    return (reference - (ours / 2 + 0.5)).abs().max().item()
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-    }
+    # the pipeline returns [0, 1]; the evaluator reads the training range [-1, 1]
+    return images * 2 - 1, len(pipeline.scheduler.timesteps)
 
 
 def format_metric(value: float, digits: int = 2) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def write_text(path: Path, text: str):
-    """Writes under a temporary name and renames into place: a stopped run never leaves a half-written file."""
-    staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
 
 
 class Report:
@@ -486,9 +368,9 @@ class Report:
         suffix = ("-from-models" if args.from_models else "") + ("-quick" if args.quick else "")
         self.base = Path(args.output_dir) / f"quality-{stamp}{suffix}"
         self.data = {
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]),
-            "machine": machine_info(),
+            "date": harness.utc_now(),
+            "command": harness.command_line(),
+            "machine": harness.machine_info(),
             "load": {"start": os.getloadavg()},
             "args": vars(args),
             "training": {},
@@ -497,7 +379,6 @@ class Report:
             "cells": [],
             "status": "running",
         }
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
     def cell(self, model: str, sampler: str, steps: int, guidance: float) -> dict | None:
         for cell in self.data["cells"]:
@@ -515,6 +396,12 @@ class Report:
 
     def targets(self) -> list[str]:
         lines = []
+        floor = self.data["calibration"].get("real train digits (floor)")
+        if floor:
+            lines.append(
+                f"- Read FDs against real digits, {floor['fd']:.2f} +- {floor['fd_std']:.2f} at this sample count (the"
+                f" floor and its noise band): FD differences below {2 * floor['fd_std']:.2f} are not significant"
+            )
         steps_low, steps_high = 10, 50
         for label, ours, stock in (
             (
@@ -560,36 +447,26 @@ class Report:
 
     def markdown(self) -> str:
         data = self.data
-        machine = data["machine"]
         lines = [
             f"# Sample quality per step: sculptdiff vs stock diffusers ({data['date']})",
             "",
             f"Status: **{data['status']}**",
             "",
-            f"- Command: `{data['command']}`",
-            f"- Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} ({machine['torch_threads']}"
-            f" threads), diffusers {machine['diffusers']}, Python {machine['python']}",
-            "- Load average (1/5/15 min): "
-            + "; ".join(f"{name} {', '.join(f'{v:.1f}' for v in values)}" for name, values in data["load"].items()),
+            *harness.header_lines(data["command"], data["machine"], data["load"]),
             f"- Data: sklearn digits at {self.args.resolution} px, train split (70%) for the models; metrics against"
-            " the held-out 30% in a digits classifier's feature space (`sculptdiff.training.evaluation`)",
+            " the held-out 30% in a digits classifier's feature space (`sculptdiff.evaluation.digits`)",
             f"- Samples per set: {self.args.num_samples} (class i % 10 for image i; the same starting noise for every"
             " set); k-NN precision/recall with k=3",
         ]
         if data.get("recipe"):
             lines.append(
-                f"- Recipe (training_scripts/train_sculpt.py's defaults when the run started):"
+                f"- Recipe (`sculptdiff.training.recipe.RECIPE`, train_sculpt.py's defaults, when the run started):"
                 f" {', '.join(f'{name} {value}' for name, value in data['recipe'].items())}"
             )
         if "classifier_accuracy" in data["checks"]:
             lines.append(f"- Digits classifier held-out accuracy: {100 * data['checks']['classifier_accuracy']:.2f}%")
         if "models" in data["checks"]:
             lines.append(f"- Models: {data['checks']['models']}")
-        if "loop_vs_pipeline" in data["checks"]:
-            lines.append(
-                "- The benchmark's sampling loop vs SculptPipeline (10 images, 5 steps, w=2), max pixel difference:"
-                f" {data['checks']['loop_vs_pipeline']:.2e}"
-            )
         for note in data.get("notes", []):
             lines.append(f"- {note}")
         if data["training"]:
@@ -603,15 +480,7 @@ class Report:
                 )
         if data["calibration"]:
             lines += ["", "## Calibration (what the numbers mean at this sample count)", ""]
-            lines += [
-                "| reference set | FD | precision | recall | class acc. | coverage | entropy |",
-                "|---|---|---|---|---|---|---|",
-            ]
-            for name, m in data["calibration"].items():
-                lines.append(
-                    f"| {name} | {m['fd']:.2f} | {m['precision']:.3f} | {m['recall']:.3f} |"
-                    f" {format_metric(m['class_accuracy'], 3)} | {m['class_coverage']:.2f} | {m['class_entropy']:.3f} |"
-                )
+            lines += harness.calibration_table(data["calibration"])
         lines += ["", "## Targets", ""] + self.targets()
         if data["cells"]:
             lines += ["", "## All sets", ""]
@@ -634,8 +503,7 @@ class Report:
         return "\n".join(lines)
 
     def save(self):
-        write_text(self.base.with_suffix(".json"), json.dumps(self.data, indent=2, default=str))
-        write_text(self.base.with_suffix(".md"), self.markdown())
+        harness.write_results(self.base, self.markdown(), self.data)
 
     def plot(self):
         import matplotlib
@@ -654,6 +522,7 @@ class Report:
         floor = self.data["calibration"].get("real train digits (floor)")
         if floor:
             axis.axhline(floor["fd"], color="grey", linestyle="--", label="real vs held-out (floor)")
+            axis.axhspan(floor["fd"] - floor["fd_std"], floor["fd"] + floor["fd_std"], color="grey", alpha=0.2)
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.minorticks_off()
@@ -665,10 +534,8 @@ class Report:
         axis.legend(fontsize=7)
         figure.tight_layout()
         path = self.base.with_name(self.base.name + "-fd.png")
-        staging = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")
-        figure.savefig(staging, dpi=120)
+        harness.save_figure(figure, path)
         plt.close(figure)
-        os.replace(staging, path)
         self.data["plot"] = path.name
 
     def grid(self, grids: dict[str, torch.Tensor], title: str):
@@ -689,10 +556,8 @@ class Report:
         figure.suptitle(title, fontsize=9)
         figure.tight_layout()
         path = self.base.with_name(self.base.name + "-samples.png")
-        staging = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")
-        figure.savefig(staging, dpi=120)
+        harness.save_figure(figure, path)
         plt.close(figure)
-        os.replace(staging, path)
         self.data["grid"] = path.name
 
 
@@ -729,33 +594,34 @@ def sampling_plan(args: argparse.Namespace, runs: list[Run]) -> list[tuple[Run, 
 def load_runs(args: argparse.Namespace) -> list[Run]:
     """The EMA models and training schedulers a previous run saved (`--from_models`)."""
     folder = Path(args.from_models)
-    entries = [
-        ("sculptdiff", SculptUNet2DModel, SculptScheduler, "epsilon"),
-        ("stock", UNet2DModel, DDPMScheduler, "epsilon"),
-    ]
+    entries = [("sculptdiff", SculptScheduler, "epsilon"), ("stock", DDPMScheduler, "epsilon")]
     if args.with_flow:
-        entries.append(("sculptdiff-flow", SculptUNet2DModel, SculptFlowScheduler, "flow"))
+        entries.append(("sculptdiff-flow", SculptFlowScheduler, "flow"))
     runs = []
-    for name, model_class, scheduler_class, objective in entries:
+    for name, scheduler_class, objective in entries:
         if not (folder / name / "config.json").is_file():
             raise ValueError(
                 f"--from_models {folder} has no {name}/config.json; pass the --model_dir of a finished run."
             )
-        model = model_class.from_pretrained(folder / name).eval().requires_grad_(False)
+        if name == "stock":
+            model = harness.load_stock_digits_unet(folder / name)
+        else:
+            model = SculptUNet2DModel.from_pretrained(folder / name)
+        model.eval().requires_grad_(False)
         scheduler = scheduler_class.from_pretrained(folder / name, subfolder="scheduler")
         runs.append(Run(name, model, scheduler, objective, drop_labels_in_loop=name == "stock"))
     return runs
 
 
-def train_runs(args, recipe, script, report: Report, stamp: str, log) -> list[Run]:
+def train_runs(args, report: Report, stamp: str, log) -> list[Run]:
     """Build, train (interleaved, equal budgets) and save the models; their EMA weights are what samples."""
-    runs = build_runs(args, recipe, script)
+    runs = build_runs(args)
     budget = args.train_minutes * 60
     log(
         f"training {', '.join(f'{r.name} ({sum(p.numel() for p in r.model.parameters()):,} params)' for r in runs)}"
         f" for {budget:.0f} s each, interleaved"
     )
-    train_interleaved(runs, recipe, budget, log)
+    train_interleaved(runs, budget, log)
     report.data["load"]["after training"] = os.getloadavg()
     model_dir = Path(args.model_dir or Path(os.environ.get("TMPDIR", "/tmp")) / f"sculptdiff-bench-quality-{stamp}")
     for run in runs:
@@ -778,22 +644,15 @@ def train_runs(args, recipe, script, report: Report, stamp: str, log) -> list[Ru
 def main(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    stamp = harness.utc_now()[:10]
     report = Report(args, stamp)
     started = time.monotonic()
 
     def log(message: str):
         print(f"[{time.monotonic() - started:7.0f}s] {message}", flush=True)
 
-    script = load_training_script()
-    recipe = script.parse_args([])
-    log(
-        f"recipe from {TRAIN_SCRIPT.name}: lr {recipe.learning_rate}, batch {recipe.train_batch_size}, warm-up"
-        f" {recipe.lr_warmup_steps}, EMA decay {recipe.ema_decay} (power {recipe.ema_power}), clip {recipe.max_grad_norm}"
-    )
-
     report.data["recipe"] = {
-        name: getattr(recipe, name)
+        name: getattr(RECIPE, name)
         for name in (
             "learning_rate",
             "lr_warmup_steps",
@@ -811,7 +670,11 @@ def main(args: argparse.Namespace):
     report.data["checks"]["classifier_accuracy"] = evaluator.held_out_accuracy
     report.data["calibration"] = evaluator.calibrate(args.num_samples, seed=args.seed)
     report.save()
-    log(f"classifier held-out accuracy {evaluator.held_out_accuracy:.4f}; calibration written to {report.base}.md")
+    floor = report.data["calibration"]["real train digits (floor)"]
+    log(
+        f"classifier held-out accuracy {evaluator.held_out_accuracy:.4f}; real digits score FD {floor['fd']:.2f} +-"
+        f" {floor['fd_std']:.2f}; calibration written to {report.base}.md"
+    )
 
     # 2. train all models under the same wall-clock budget, or load the models of an earlier run
     if args.from_models:
@@ -820,23 +683,16 @@ def main(args: argparse.Namespace):
         report.data["checks"]["models"] = f"loaded from {args.from_models} (trained by an earlier run)"
         log(f"loaded {', '.join(run.name for run in runs)} from {args.from_models}")
     else:
-        runs = train_runs(args, recipe, script, report, stamp, log)
+        runs = train_runs(args, report, stamp, log)
 
-    # 3. the benchmark's loop is SculptPipeline's loop
-    sculpt = runs[0]
-    report.data["checks"]["loop_vs_pipeline"] = check_loop_matches_pipeline(
-        sculpt.model, samplers_for(sculpt)[-1].scheduler, args.resolution
-    )
-    log(f"sampling loop vs SculptPipeline: max difference {report.data['checks']['loop_vs_pipeline']:.2e}")
-
-    # 4. sample and score, in priority order; identical samplers (probe of 10 images) reuse the measured set
+    # 3. sample and score, in priority order; identical samplers (probe of 10 images) reuse the measured set
     class_labels = torch.arange(args.num_samples) % NUM_CLASSES
     probe_labels = torch.arange(NUM_CLASSES)
     probes = {}
     grids = {}
     grid_scale = 3.0 if 3.0 in args.guidance_scales else max(args.guidance_scales)
     for run, sampler, steps, scale in sampling_plan(args, runs):
-        probe, _ = sample(run.model, sampler.scheduler, probe_labels, steps, scale, args.resolution, args.seed)
+        probe, _ = sample(run.model, sampler.scheduler, probe_labels, steps, scale, args.seed)
         probes[(run.name, sampler.name, steps, scale)] = probe
         same_as = None
         for (name, other, other_steps, other_scale), other_probe in probes.items():
@@ -851,7 +707,7 @@ def main(args: argparse.Namespace):
             log(f"{run.name} / {sampler.name} / {steps} steps / w={scale:g}: identical to {same_as}, reused")
             continue
         start = time.perf_counter()
-        images, nfe = sample(run.model, sampler.scheduler, class_labels, steps, scale, args.resolution, args.seed)
+        images, nfe = sample(run.model, sampler.scheduler, class_labels, steps, scale, args.seed)
         seconds = time.perf_counter() - start
         metrics = evaluator.evaluate(images, class_labels)
         cell = {"model": run.name, "sampler": sampler.name, "steps": steps, "guidance": scale, "nfe": nfe}

@@ -5,12 +5,14 @@
     python benchmarks/bench_speed.py             # batch 64, 16 and 32 px, 2 rounds
     python benchmarks/bench_speed.py --quick     # the whole path in 2-8 minutes (8 fresh workers; load-dependent)
 
-For each resolution and model (SculptUNet2DModel with the training script's default config; diffusers'
-UNet2DModel at the same parameter count, `bench_quality.stock_unet_config`), both class-conditional:
+For each resolution and model (SculptUNet2DModel with the recipe's config; diffusers' UNet2DModel at the same
+parameter count, `harness.build_stock_digits_unet`), both class-conditional, as the quality benchmark trains them:
 
-- train step: forward + MSE loss + backward + gradient clipping + AdamW step, seconds per step (median);
-- sampling: one denoising step (U-Net forward + DDIM step) on the batch, images per second per step, unguided
-  (batch B) and guided (classifier-free guidance: one batched forward on 2B);
+- train step: the package's loss (`sculptdiff.training.objective.diffusion_loss`) + backward + gradient clipping +
+  AdamW step, seconds per step (median);
+- sampling: one denoising step of SculptPipeline (U-Net forward + DDIM step, timed between the pipeline's step-end
+  callbacks) on the batch, images per second per step, unguided (batch B) and guided (classifier-free guidance:
+  one batched forward on 2B);
 - peak memory: `ru_maxrss` of a fresh subprocess per (model, resolution, phase). tracemalloc sees only Python's
   allocator, not torch's tensors; `ru_maxrss` is the kernel's peak resident set of the whole process, so a fresh
   process per configuration isolates each peak. The table gives the peak during the measured steps and the increase
@@ -22,7 +24,6 @@ from the same run. Writes benchmarks/results/speed-<date>.md (+ .json) with the 
 """
 
 import argparse
-import datetime
 import json
 import os
 import resource
@@ -32,14 +33,9 @@ import sys
 import time
 from pathlib import Path
 
+import harness
 import torch
-import torch.nn.functional as F
-from bench_quality import load_training_script, stock_unet_config, write_text
-
-
-BENCHMARKS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCHMARKS_DIR.parent
-NUM_CLASSES = 10
+from harness import NUM_CLASSES
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -64,7 +60,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output_dir",
         type=str,
-        default=str(BENCHMARKS_DIR / "results"),
+        default=str(harness.RESULTS_DIR),
         help="Where speed-<date>.md/.json are written.",
     )
     parser.add_argument("--quick", action="store_true", help="Smoke test: 2 measured steps, 1 warm-up, 1 round.")
@@ -75,6 +71,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     for flag in ("batch_size", "steps", "rounds"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    if args.warmup_steps < 1:
+        raise ValueError(
+            f"--warmup_steps must be >= 1 (the first sampling step holds the pipeline's set-up), got"
+            f" {args.warmup_steps}."
+        )
     for resolution in args.resolutions:
         if resolution % 4 != 0:
             raise ValueError(f"--resolutions must be multiples of 4 (the U-Nets downsample twice), got {resolution}.")
@@ -83,28 +84,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(model_name: str, resolution: int) -> tuple[torch.nn.Module, object]:
     """The model and its training noise scheduler, as bench_quality.py trains them."""
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    from sculptdiff.schedulers.scheduling_sculpt import SculptScheduler
+    from sculptdiff.training.recipe import build_noise_scheduler
 
     torch.manual_seed(0)
     if model_name == "stock":
-        return UNet2DModel(**stock_unet_config(resolution)), DDPMScheduler(num_train_timesteps=1000)
-    script = load_training_script()
-    recipe = script.parse_args([])
-    data_config = {
-        "sample_size": resolution,
-        "in_channels": 1,
-        "out_channels": 1,
-        "num_class_embeds": NUM_CLASSES,
-        "conditioning_dropout_prob": 0.1,
-        "prediction_type": "epsilon",
-    }
-    unet, _ = script.build_unet(recipe, data_config, None)
-    scheduler = SculptScheduler(
-        num_train_timesteps=1000, beta_schedule=recipe.beta_schedule, clip_sample=True, timestep_spacing="trailing"
-    )
-    return unet, scheduler
+        return harness.build_stock_digits_unet(resolution), harness.build_stock_noise_scheduler()
+    return harness.build_sculpt_digits_unet(resolution), build_noise_scheduler()
 
 
 def run_worker(config: dict) -> dict:
@@ -112,6 +97,10 @@ def run_worker(config: dict) -> dict:
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     from diffusers import DDIMScheduler
+
+    from sculptdiff.pipelines.sculpt.pipeline_sculpt import SculptPipeline
+    from sculptdiff.training.objective import diffusion_loss
+    from sculptdiff.training.recipe import RECIPE
 
     model, noise_scheduler = build_model(config["model"], config["resolution"])
     batch, resolution = config["batch_size"], config["resolution"]
@@ -122,17 +111,14 @@ def run_worker(config: dict) -> dict:
 
     if config["phase"] == "train":
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=RECIPE.learning_rate)
         setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         times = []
         for index in range(config["warmup_steps"] + config["steps"]):
             start = time.perf_counter()
-            noise = torch.randn(images.shape, generator=generator)
-            timesteps = torch.randint(0, 1000, (batch,), generator=generator)
-            noisy = noise_scheduler.add_noise(images, noise, timesteps)
-            loss = F.mse_loss(model(noisy, timesteps, class_labels=labels).sample, noise)
+            loss = diffusion_loss(model, noise_scheduler, images, "epsilon", class_labels=labels, generator=generator)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPE.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
             if index >= config["warmup_steps"]:
@@ -140,45 +126,34 @@ def run_worker(config: dict) -> dict:
         result["seconds_per_step"] = statistics.median(times)
     else:
         model.eval().requires_grad_(False)
-        scheduler = DDIMScheduler.from_config(noise_scheduler.config)
-        # a long grid, so that every measured step is a plain DDIM step
-        scheduler.set_timesteps(config["warmup_steps"] + config["steps"] + 1)
+        pipeline = SculptPipeline(unet=model, scheduler=DDIMScheduler.from_config(noise_scheduler.config))
+        pipeline.set_progress_bar_config(disable=True)
         setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        null = torch.full_like(labels, NUM_CLASSES)
+        num_steps = config["warmup_steps"] + config["steps"]
         for guided in (False, True):
-            latents = torch.randn(images.shape, generator=generator)
-            times = []
-            with torch.no_grad():
-                for index, t in enumerate(scheduler.timesteps[: config["warmup_steps"] + config["steps"]]):
-                    start = time.perf_counter()
-                    if guided:
-                        output = model(torch.cat([latents] * 2), t, class_labels=torch.cat([null, labels])).sample
-                        output_uncond, output_cond = output.chunk(2)
-                        output = output_uncond + 3.0 * (output_cond - output_uncond)
-                    else:
-                        output = model(latents, t, class_labels=labels).sample
-                    latents = scheduler.step(output, t, latents).prev_sample
-                    if index >= config["warmup_steps"]:
-                        times.append(time.perf_counter() - start)
+            step_ends = [time.perf_counter()]
+
+            def record_step_end(pipe, step, timestep, callback_kwargs):
+                step_ends.append(time.perf_counter())
+                return {}
+
+            pipeline(
+                class_labels=labels,
+                num_inference_steps=num_steps,
+                guidance_scale=3.0 if guided else 1.0,
+                generator=generator,
+                output_type="pt",
+                callback_on_step_end=record_step_end,
+                callback_on_step_end_tensor_inputs=["latents"],
+            )
+            # the first interval also holds the set-up before the loop: it is one of the warm-up steps
+            times = [end - start for start, end in zip(step_ends[:-1], step_ends[1:])][config["warmup_steps"] :]
             result["guided_images_per_second" if guided else "images_per_second"] = batch / statistics.median(times)
     # ru_maxrss is in KiB on Linux
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result["peak_rss_mib"] = peak_rss / 1024
     result["phase_rss_mib"] = (peak_rss - setup_rss) / 1024
     return result
-
-
-def machine_info() -> dict:
-    import diffusers
-
-    cpu = "unknown"
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
 def median_of(results: list[dict], model: str, resolution: int, phase: str, key: str) -> float:
@@ -192,11 +167,8 @@ def markdown(args: argparse.Namespace, info: dict, results: list[dict]) -> str:
     lines = [
         f"# Speed: sculptdiff vs stock diffusers at equal parameters ({info['date']})",
         "",
-        f"- Command: `{info['command']}`",
-        f"- Machine: {info['machine']['cpu']}, {info['machine']['cores']} cores, torch {info['machine']['torch']},"
-        f" diffusers {info['machine']['diffusers']}; torch threads per worker: {args.threads or 'default'}",
-        f"- Load average (1/5/15 min) at start: {', '.join(f'{v:.2f}' for v in info['load_start'])}; at end:"
-        f" {', '.join(f'{v:.2f}' for v in info['load_end'])} (the cores are shared with other jobs when this is > 0)",
+        *harness.header_lines(info["command"], info["machine"], info["load"]),
+        f"- torch threads per worker: {args.threads or 'default'}",
         f"- Batch {args.batch_size}; {args.steps} measured steps after {args.warmup_steps} warm-up, median; medians over"
         f" {args.rounds} round(s) of fresh subprocesses alternating the models",
         "- Peak memory: ru_maxrss of the worker process (peak RSS) and its increase during the measured phase",
@@ -234,10 +206,10 @@ def markdown(args: argparse.Namespace, info: dict, results: list[dict]) -> str:
 
 def main(args: argparse.Namespace):
     info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]),
-        "machine": machine_info(),
-        "load_start": os.getloadavg(),
+        "date": harness.utc_now(),
+        "command": harness.command_line(),
+        "machine": harness.machine_info(),
+        "load": {"start": os.getloadavg()},
     }
     results = []
     for round_index in range(args.rounds):
@@ -267,13 +239,10 @@ def main(args: argparse.Namespace):
                     result["load"] = os.getloadavg()[0]
                     results.append(result)
                     print(json.dumps(result), flush=True)
-    info["load_end"] = os.getloadavg()
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    base = output_dir / f"speed-{info['date'][:10]}{'-quick' if args.quick else ''}"
+    info["load"]["end"] = os.getloadavg()
+    base = Path(args.output_dir) / f"speed-{info['date'][:10]}{'-quick' if args.quick else ''}"
     text = markdown(args, info, results)
-    write_text(base.with_suffix(".md"), text)
-    write_text(base.with_suffix(".json"), json.dumps({"info": info, "args": vars(args), "results": results}, indent=2))
+    harness.write_results(base, text, {"info": info, "args": vars(args), "results": results})
     print(text)
 
 

@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/bench_unet.py [--batch_size 64] [--resolutions 16 32] [--repeats 5]
+    python benchmarks/bench_unet.py --quick     # the whole path in seconds (batch 8, 16 px, 1 repetition)
 
 Prints a markdown report and writes it to benchmarks/results/unet-<date>.md.
 
@@ -25,23 +26,18 @@ What is compared, and why:
 """
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import harness
 import torch
-from bench_quality import write_text
 from diffusers import UNet2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from sculptdiff.models.unet_sculpt import SculptUNet2DModel
-
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,22 +52,18 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="torch intra-op threads (default: torch's default, one per core). 1 is less sensitive to other load.",
     )
-    parser.add_argument("--output_dir", type=str, default=str(RESULTS_DIR), help="Where unet-<date>.md is written.")
-    return parser.parse_args()
+    parser.add_argument(
+        "--output_dir", type=str, default=str(harness.RESULTS_DIR), help="Where unet-<date>.md is written."
+    )
+    parser.add_argument("--quick", action="store_true", help="Smoke test: batch 8, 16 px only, 1 repetition.")
+    args = parser.parse_args()
+    if args.quick:
+        args.batch_size, args.resolutions, args.repeats = 8, [16], 1
+    return args
 
 
 def build_stock_unet() -> UNet2DModel:
-    # DDPM CIFAR-10 layout (google/ddpm-cifar10-32) at base width 64
-    return UNet2DModel(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(64, 128, 128, 128),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=2,
-        attention_head_dim=None,
-        norm_num_groups=32,
-    )
+    return UNet2DModel(**harness.ddpm_cifar10_unet_config(base_width=64))
 
 
 def build_sculpt_unet() -> SculptUNet2DModel:
@@ -103,20 +95,12 @@ def time_forward_backward(model: torch.nn.Module, sample: torch.Tensor, timestep
     return time.perf_counter() - start
 
 
-def cpu_name() -> str:
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main(args: argparse.Namespace) -> None:
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)
     models = {"UNet2DModel (diffusers)": build_stock_unet(), "SculptUNet2DModel": build_sculpt_unet()}
-    load_before = os.getloadavg()
+    loads = {"start": os.getloadavg()}
 
     # results[resolution][model name][mode] -> list of seconds
     results = {}
@@ -135,16 +119,11 @@ def main(args: argparse.Namespace) -> None:
                     results[resolution][name]["forward+backward"].append(backward_seconds)
             print(f"# {resolution}x{resolution} repetition {repetition}/{args.repeats} done", file=sys.stderr)
 
-    load_after = os.getloadavg()
+    loads["end"] = os.getloadavg()
     stock_name, sculpt_name = models
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = harness.utc_now()
     report = [f"# SculptUNet2DModel vs UNet2DModel speed ({date})", ""]
-    report.append(f"- Command: `python {' '.join(sys.argv)}`")
-    report.append(
-        f"- Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
-        f"threads), Python {platform.python_version()}; 1-minute load average {load_before[0]:.2f} before, "
-        f"{load_after[0]:.2f} after"
-    )
+    report += harness.header_lines(harness.command_line(), harness.machine_info(), loads)
     report.append(f"- Batch size {args.batch_size}, median of {args.repeats} repetitions after 1 warm-up")
     report.append("")
     report.append("| model | parameters | " + " | ".join(f"GFLOPs/image {r}x{r}" for r in args.resolutions) + " |")
@@ -168,9 +147,7 @@ def main(args: argparse.Namespace) -> None:
 
     text = "\n".join(report) + "\n"
     print(text)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_text(output_dir / f"unet-{date[:10]}.md", text)
+    harness.write_results(Path(args.output_dir) / f"unet-{date[:10]}{'-quick' if args.quick else ''}", text)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The sample-quality metrics of sculptdiff.training.evaluation, on known inputs and on the real digits."""
+"""The sample-quality metrics of sculptdiff.evaluation.digits, on known inputs and on the real digits."""
 
 import math
 import warnings
@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sculptdiff.training.evaluation import (
+from sculptdiff.evaluation.digits import (
     CLASSIFIER_VERSION,
+    NUM_DIGIT_CLASSES,
     DigitsEvaluator,
     class_metrics,
     classifier_cache_path,
@@ -19,6 +20,7 @@ from sculptdiff.training.evaluation import (
     knn_precision_recall,
     load_digits_classifier,
     load_digits_split,
+    match_class_labels,
 )
 
 
@@ -151,3 +153,61 @@ def test_classifier_cache_round_trip(tmp_path, split):
     assert classifier_cache_path(32, tmp_path) != path
     with pytest.raises(ValueError, match="resolution"):
         load_digits_classifier(12, tmp_path)
+
+
+def test_calibration_draws_real_digits_for_the_labels_a_generated_set_asks_for(evaluator, split):
+    # a random draw's class counts wander, and the FD punishes that: the real floor scored worse than every model
+    sets = evaluator.calibration_sets(num_samples=200, seed=0)
+    images, labels = sets["real train digits (floor)"]
+    assert torch.equal(labels, torch.arange(200) % NUM_DIGIT_CLASSES)
+    # each image is a distinct train digit of the class it stands for
+    matches = (images.flatten(1)[:, None, :] == split.train_images.flatten(1)[None, :, :]).all(dim=2)
+    rows = matches.float().argmax(dim=1)
+    assert matches.any(dim=1).all() and len(rows.unique()) == 200
+    assert torch.equal(split.train_labels[rows], labels)
+    blurred, blurred_labels = sets["real, blurred sigma=1 px"]
+    torch.testing.assert_close(blurred, gaussian_blur(images, 1.0))
+    assert torch.equal(blurred_labels, labels)
+
+
+def test_calibration_ranks_real_digits_best(evaluator, split):
+    rows = evaluator.calibrate(num_samples=300, seed=0, num_draws=3)
+    floor = rows["real train digits (floor)"]
+    assert floor["num_draws"] == 3 and floor["fd_std"] > 0
+    # every degradation lies clearly above the floor and its noise band
+    for name in (
+        "real, blurred sigma=1 px",
+        "real + noise std 0.3",
+        "one-class collapse (all 0s)",
+        "pure noise N(0, 1)",
+    ):
+        assert rows[name]["fd"] > floor["fd"] + 2 * floor["fd_std"], name
+    assert rows["real, blurred sigma=1 px"]["fd"] > rows["real, blurred sigma=0.5 px"]["fd"]
+    assert rows["real + noise std 0.3"]["fd"] > rows["real + noise std 0.1"]["fd"]
+    # a class-balanced set of other real digits, slightly blurred, stands for a good model: it must not beat real data
+    labels = torch.arange(300) % NUM_DIGIT_CLASSES
+    others = split.train_images[match_class_labels(split.train_labels, labels, torch.Generator().manual_seed(99))]
+    assert evaluator.evaluate(gaussian_blur(others, 0.75), labels)["fd"] > floor["fd"] + 2 * floor["fd_std"]
+    with pytest.raises(ValueError, match="num_draws"):
+        evaluator.calibrate(num_samples=100, num_draws=1)
+    with pytest.raises(ValueError, match=r"`num_samples` must be in \[1, 1220\]"):
+        evaluator.calibration_sets(num_samples=1221)
+
+
+def test_match_class_labels_draws_distinct_images_of_each_asked_class():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    asked = torch.tensor([1, 0, 2, 0, 1])
+    index = match_class_labels(labels, asked, torch.Generator().manual_seed(0))
+    assert torch.equal(labels[index], asked) and len(index.unique()) == 5
+    with pytest.raises(ValueError, match="2 images of class 2, but only 1"):
+        match_class_labels(labels, torch.tensor([2, 2]), torch.Generator().manual_seed(0))
+
+
+def test_the_old_module_path_still_imports_the_evaluator():
+    # the training script's --eval_steps (and code written before the move) import sculptdiff.training.evaluation
+    from sculptdiff.evaluation import digits
+    from sculptdiff.training import evaluation
+
+    for name in ("DigitsEvaluator", "digits_split_indices", "load_digits_split", "match_class_labels"):
+        assert name in evaluation.__all__
+    assert all(getattr(evaluation, name) is getattr(digits, name) for name in evaluation.__all__)
