@@ -23,6 +23,7 @@ from diffusers import (
     SchedulerMixin,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.guiders import BaseGuidance
 from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging, replace_example_docstring
@@ -47,6 +48,12 @@ EXAMPLE_DOC_STRING = """
         >>> # one image of each digit, guided towards its class with w = 3
         >>> images = pipe(class_labels=list(range(10)), guidance_scale=3.0, generator=generator).images
         >>> images[7].save("seven.png")
+
+        >>> # or one of diffusers' guiders, e.g. guidance on the middle of the trajectory only (arXiv 2404.07724)
+        >>> from diffusers.guiders import ClassifierFreeGuidance
+
+        >>> pipe.register_modules(guider=ClassifierFreeGuidance(guidance_scale=3.0, start=0.2, stop=0.8))
+        >>> images = pipe(class_labels=list(range(10)), generator=torch.Generator().manual_seed(0)).images
         ```
 """
 
@@ -90,10 +97,19 @@ class SculptPipeline(DiffusionPipeline):
             The tokenizer of `text_encoder`.
         vae ([`AutoencoderKL`], *optional*):
             When present, denoising happens in its latent space and the result is decoded, as in Stable Diffusion.
+        guider ([`~diffusers.guiders.BaseGuidance`], *optional*):
+            One of diffusers' guiders (`ClassifierFreeGuidance` with `start`/`stop`, `AdaptiveProjectedGuidance`,
+            `ClassifierFreeZeroStarGuidance`, `TangentialClassifierFreeGuidance`, `FrequencyDecoupledGuidance`, ...),
+            driven in the denoising loop as diffusers' HunyuanVideo 1.5 pipeline drives it. It then owns guidance, its
+            scale included, and `__call__` refuses `guidance_scale` and `guidance_rescale`. Without one the pipeline
+            applies classifier-free guidance itself, with `guidance_scale` and `guidance_rescale`. Give a pipeline
+            a guider with `pipe.register_modules(guider=ClassifierFreeGuidance(guidance_scale=3.0, stop=0.5))` (a plain
+            `pipe.guider = ...` does not record it in the config of a pipeline that has none, so it would not be
+            saved); it is saved in the `guider/` subfolder and loaded with the pipeline.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->transformer->vae"
-    _optional_components = ["unet", "transformer", "text_encoder", "tokenizer", "vae"]
+    _optional_components = ["unet", "transformer", "text_encoder", "tokenizer", "vae", "guider"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
@@ -104,6 +120,7 @@ class SculptPipeline(DiffusionPipeline):
         text_encoder: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         vae: AutoencoderKL | None = None,
+        guider: BaseGuidance | None = None,
     ):
         super().__init__()
         if (unet is None) == (transformer is None):
@@ -118,6 +135,7 @@ class SculptPipeline(DiffusionPipeline):
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             vae=vae,
+            guider=guider,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -128,15 +146,20 @@ class SculptPipeline(DiffusionPipeline):
         return self.unet if self.unet is not None else self.transformer
 
     @property
-    def guidance_scale(self) -> float:
+    def guidance_scale(self) -> float | None:
+        # `None` when a guider owns guidance
         return self._guidance_scale
 
     @property
-    def guidance_rescale(self) -> float:
+    def guidance_rescale(self) -> float | None:
         return self._guidance_rescale
 
     @property
     def do_classifier_free_guidance(self) -> bool:
+        # a guider decides per step whether it needs the unconditional branch (`start`/`stop`), so an enabled one
+        # gets it prepared for every step, as diffusers' guider pipelines check `guider._enabled`
+        if self.guider is not None:
+            return self.guider._enabled and self._is_conditional
         # w = 1 is plain conditional sampling: eps_uncond + 1 * (eps_cond - eps_uncond) = eps_cond; any other w needs
         # both branches (w = 0 is unconditional, 0 < w < 1 interpolates, w > 1 extrapolates)
         return self._guidance_scale != 1 and self._is_conditional
@@ -288,6 +311,33 @@ class SculptPipeline(DiffusionPipeline):
         # of diffusers do not define it because theirs is always 1
         return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
+    def _predict(
+        self,
+        latent_model_input: torch.Tensor,
+        t: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""
+        One pass of the denoiser on a batch of (scaled) latents at timestep `t`: its prediction (noise, v, x0 or
+        velocity, as it was trained), without learned variance channels.
+        """
+        # one timestep per sample, as diffusers' transformer pipelines pass it (its DiT embeds only a 1-d tensor);
+        # text only to a denoiser that reads it (diffusers' DiT takes no `encoder_hidden_states`)
+        timestep = t.expand(latent_model_input.shape[0])
+        text_input = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
+        model_output = self.denoiser(
+            latent_model_input,
+            timestep,
+            class_labels=class_labels,
+            cross_attention_kwargs=self.cross_attention_kwargs,
+            return_dict=False,
+            **text_input,
+        )[0]
+        # learned variance channels (out_channels = 2 * in_channels) are dropped, as DiTPipeline drops them: the
+        # scheduler samples with its own variance
+        return model_output[:, : latent_model_input.shape[1]]
+
     def check_inputs(
         self,
         prompt,
@@ -343,14 +393,30 @@ class SculptPipeline(DiffusionPipeline):
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f'`output_type` must be "pil", "np", "pt" or "latent", got {output_type!r}.')
 
-        # guidance: eps = eps_uncond + w * (eps_cond - eps_uncond) holds for any finite w >= 0
-        if not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(
-                f"`guidance_scale` must be a finite number >= 0 (0 unconditional, 1 plain conditional sampling, > 1 "
-                f"guided), got {guidance_scale!r}."
-            )
-        if not isinstance(guidance_rescale, numbers.Real) or not 0 <= guidance_rescale <= 1:
-            raise ValueError(f"`guidance_rescale` must be a number in [0, 1], got {guidance_rescale!r}.")
+        if self.guider is not None:
+            if not isinstance(self.guider, BaseGuidance):
+                raise TypeError(
+                    f"`guider` must be one of diffusers' guiders (a `diffusers.guiders.BaseGuidance`), got "
+                    f"{type(self.guider).__name__}."
+                )
+            # as in diffusers' guider pipelines, the guider owns the scale: two owners would silently disagree
+            for name, value in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale)):
+                if value is not None:
+                    raise ValueError(
+                        f"`{name}={value}` was given, but this pipeline has a `guider` "
+                        f"({type(self.guider).__name__}), which owns guidance: set it on the guider, e.g. "
+                        f"`pipe.guider = pipe.guider.new({name}={value})`, or remove the guider (`pipe.guider = None`) "
+                        f"to use `{name}`."
+                    )
+        else:
+            # guidance: eps = eps_uncond + w * (eps_cond - eps_uncond) holds for any finite w >= 0
+            if not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+                raise ValueError(
+                    f"`guidance_scale` must be a finite number >= 0 (0 unconditional, 1 plain conditional sampling, "
+                    f"> 1 guided), got {guidance_scale!r}."
+                )
+            if not isinstance(guidance_rescale, numbers.Real) or not 0 <= guidance_rescale <= 1:
+                raise ValueError(f"`guidance_rescale` must be a number in [0, 1], got {guidance_rescale!r}.")
 
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both: `prompt_embeds` replaces the prompt.")
@@ -384,15 +450,21 @@ class SculptPipeline(DiffusionPipeline):
                     f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
                     f"{tuple(negative_prompt_embeds.shape)} must have the same shape."
                 )
+        if class_labels is None and not has_text and self.guider is not None:
+            raise ValueError(
+                f"The pipeline's `guider` ({type(self.guider).__name__}) needs a condition to guide towards: pass "
+                "`class_labels` or a `prompt`, or remove the guider (`pipe.guider = None`) for unconditional sampling."
+            )
         if class_labels is None and not has_text and guidance_scale != 1:
             raise ValueError(
                 f"`guidance_scale={guidance_scale}` needs a condition to guide towards: pass `class_labels` or a "
                 "`prompt`, or use `guidance_scale=1.0` for unconditional sampling."
             )
-        if guidance_scale != 1 and config.get("conditioning_dropout_prob", 1.0) <= 0:
+        guided = self.guider is not None or guidance_scale != 1
+        if guided and config.get("conditioning_dropout_prob", 1.0) <= 0:
             raise ValueError(
                 "Classifier-free guidance needs a model trained with a null condition, and this denoiser's config "
-                "says `conditioning_dropout_prob=0`. Use `guidance_scale=1.0`, or train with "
+                "says `conditioning_dropout_prob=0`. Use `guidance_scale=1.0` without a guider, or train with "
                 "`--conditioning_dropout_prob 0.1`."
             )
         if callback_on_step_end_tensor_inputs is not None and not all(
@@ -448,8 +520,8 @@ class SculptPipeline(DiffusionPipeline):
         width: int | None = None,
         num_inference_steps: int = 50,
         timesteps: list[int] | None = None,
-        guidance_scale: float = 1.0,
-        guidance_rescale: float = 0.0,
+        guidance_scale: float | None = None,
+        guidance_rescale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
@@ -487,13 +559,14 @@ class SculptPipeline(DiffusionPipeline):
             timesteps (`list[int]`, *optional*):
                 Custom descending timesteps for schedulers whose `set_timesteps` accepts them; overrides
                 `num_inference_steps`.
-            guidance_scale (`float`, defaults to 1.0):
+            guidance_scale (`float`, *optional*, defaults to 1.0 without a `guider`):
                 w >= 0 in `eps = eps_uncond + w * (eps_cond - eps_uncond)`. w = 1 is plain conditional sampling (one
                 denoiser pass per step); w > 1 follows the condition more strongly, w = 0 samples unconditionally (the
-                null condition) and 0 < w < 1 interpolates (two branches in one batched pass).
-            guidance_rescale (`float`, defaults to 0.0):
+                null condition) and 0 < w < 1 interpolates (two branches in one batched pass). A pipeline with a
+                `guider` refuses it: the guider owns its scale (`pipe.guider = pipe.guider.new(guidance_scale=3.0)`).
+            guidance_rescale (`float`, *optional*, defaults to 0.0 without a `guider`):
                 phi of arXiv 2305.08891, Sec. 3.4: rescales the guided output towards the conditional one's standard
-                deviation to counter over-exposure.
+                deviation to counter over-exposure. Refused with a `guider`, which has its own `guidance_rescale`.
             negative_prompt (`str` or `list[str]`, *optional*):
                 What the unconditional branch encodes instead of the empty prompt.
             prompt_embeds (`torch.Tensor`, *optional*):
@@ -520,7 +593,9 @@ class SculptPipeline(DiffusionPipeline):
                 Called after each step as `callback_on_step_end(self, i, t, callback_kwargs)`; the tensors it returns
                 replace the pipeline's (e.g. `{"latents": ...}`), and the next step reads `prompt_embeds`,
                 `negative_prompt_embeds` and `pipe._guidance_scale` again. As in diffusers' pipelines, a callback that
-                lowers `_guidance_scale` to 1 or below turns guidance off (diffusers' `SDCFGCutoffCallback`).
+                lowers `_guidance_scale` to 1 or below turns guidance off (diffusers' `SDCFGCutoffCallback`). With a
+                `guider` the guider decides each step (its `start`/`stop` limit guidance to an interval), and a
+                callback that sets `_guidance_scale` is refused.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
                 Which of `_callback_tensor_inputs` go into `callback_kwargs`; defaults to `["latents"]`.
 
@@ -536,6 +611,9 @@ class SculptPipeline(DiffusionPipeline):
             height = self.denoiser.config.sample_size * self.vae_scale_factor
         if width is None:
             width = self.denoiser.config.sample_size * self.vae_scale_factor
+        if self.guider is None:
+            guidance_scale = 1.0 if guidance_scale is None else guidance_scale
+            guidance_rescale = 0.0 if guidance_rescale is None else guidance_rescale
 
         # 1. Check inputs
         self.check_inputs(
@@ -625,50 +703,83 @@ class SculptPipeline(DiffusionPipeline):
         if "generator" in inspect.signature(self.scheduler.step).parameters:
             extra_step_kwargs["generator"] = generator
 
-        # 6. Denoising loop. The doubled conditioning is built each step from what a callback may have changed
+        # 6. Denoising loop. The conditioning is built each step from what a callback may have changed
         # (`prompt_embeds`, `negative_prompt_embeds`, `self._guidance_scale`).
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         self._num_timesteps = len(timesteps)
+        # guiders that leave the denoiser as it is (CFG, APG, CFG-Zero*, TCFG, FDG) differ only in their inputs, so
+        # their batches run as one batched pass; one that changes the denoiser per batch (PAG's and SLG's hooks)
+        # gets a pass per batch
+        guider_batches_in_one_pass = (
+            self.guider is not None
+            and type(self.guider).prepare_models is BaseGuidance.prepare_models
+            and type(self.guider).cleanup_models is BaseGuidance.cleanup_models
+        )
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
-                encoder_hidden_states, class_input = prompt_embeds, class_ids
-                latent_model_input = latents
-                if self.do_classifier_free_guidance:
-                    # unconditional first, so that `chunk(2)` below gives (uncond, cond)
-                    latent_model_input = torch.cat([latents] * 2)
+                if self.guider is None:
+                    encoder_hidden_states, class_input = prompt_embeds, class_ids
+                    latent_model_input = latents
+                    if self.do_classifier_free_guidance:
+                        # unconditional first, so that `chunk(2)` below gives (uncond, cond)
+                        latent_model_input = torch.cat([latents] * 2)
+                        if prompt_embeds is not None:
+                            encoder_hidden_states = torch.cat([negative_prompt_embeds, prompt_embeds])
+                        if class_ids is not None:
+                            class_input = torch.cat([null_ids, class_ids])
+                    # diffusers' flow-matching schedulers define no `scale_model_input`: their inputs need no scaling
+                    if hasattr(self.scheduler, "scale_model_input"):
+                        latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                    model_output = self._predict(latent_model_input, t, encoder_hidden_states, class_input)
+
+                    # classifier-free guidance on whatever the model predicts (eps, v, x0 or velocity): the scheduler
+                    # receives one guided output and converts it as it would an unguided one
+                    if self.do_classifier_free_guidance:
+                        model_output_uncond, model_output_cond = model_output.chunk(2)
+                        model_output = model_output_uncond + self.guidance_scale * (
+                            model_output_cond - model_output_uncond
+                        )
+                        if self.guidance_rescale > 0:
+                            model_output = rescale_noise_cfg(model_output, model_output_cond, self.guidance_rescale)
+                else:
+                    # diffusers' guider protocol, as its HunyuanVideo 1.5 pipeline runs it: the guider says which
+                    # conditionings this step needs (the conditional one first, the unconditional one where it
+                    # guides), the denoiser predicts each, and the guider combines the predictions
+                    latent_model_input = latents
+                    if hasattr(self.scheduler, "scale_model_input"):
+                        latent_model_input = self.scheduler.scale_model_input(latents, t)
+                    guider_inputs = {}
                     if prompt_embeds is not None:
-                        encoder_hidden_states = torch.cat([negative_prompt_embeds, prompt_embeds])
+                        guider_inputs["encoder_hidden_states"] = (prompt_embeds, negative_prompt_embeds)
                     if class_ids is not None:
-                        class_input = torch.cat([null_ids, class_ids])
-                # diffusers' flow-matching schedulers define no `scale_model_input`: their inputs need no scaling
-                if hasattr(self.scheduler, "scale_model_input"):
-                    latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
-
-                # one timestep per sample, as diffusers' transformer pipelines pass it (its DiT embeds only a 1-d
-                # tensor); text only to a denoiser that reads it (diffusers' DiT takes no `encoder_hidden_states`)
-                timestep = t.expand(latent_model_input.shape[0])
-                text_input = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
-                model_output = self.denoiser(
-                    latent_model_input,
-                    timestep,
-                    class_labels=class_input,
-                    cross_attention_kwargs=self.cross_attention_kwargs,
-                    return_dict=False,
-                    **text_input,
-                )[0]
-                # learned variance channels (out_channels = 2 * in_channels) are dropped, as DiTPipeline drops them:
-                # the scheduler samples with its own variance
-                model_output = model_output[:, : latents.shape[1]]
-
-                # classifier-free guidance on whatever the model predicts (eps, v, x0 or velocity): the scheduler
-                # receives one guided output and converts it as it would an unguided one
-                if self.do_classifier_free_guidance:
-                    model_output_uncond, model_output_cond = model_output.chunk(2)
-                    model_output = model_output_uncond + self.guidance_scale * (
-                        model_output_cond - model_output_uncond
-                    )
-                    if self.guidance_rescale > 0:
-                        model_output = rescale_noise_cfg(model_output, model_output_cond, self.guidance_rescale)
+                        guider_inputs["class_labels"] = (class_ids, null_ids)
+                    # the loop's length, not `num_inference_steps`: a second-order scheduler loops 2n - 1 times, and
+                    # the guider's `start`/`stop` are fractions of the loop
+                    self.guider.set_state(step=i, num_inference_steps=len(timesteps), timestep=t)
+                    guider_state = self.guider.prepare_inputs(guider_inputs)
+                    if guider_batches_in_one_pass:
+                        for guider_state_batch in guider_state:
+                            self.guider.prepare_models(self.denoiser)
+                        batched_inputs = {
+                            name: torch.cat([getattr(guider_state_batch, name) for guider_state_batch in guider_state])
+                            for name in guider_inputs
+                        }
+                        predictions = self._predict(
+                            torch.cat([latent_model_input] * len(guider_state)), t, **batched_inputs
+                        ).chunk(len(guider_state))
+                        for guider_state_batch, prediction in zip(guider_state, predictions):
+                            guider_state_batch.noise_pred = prediction
+                            self.guider.cleanup_models(self.denoiser)
+                    else:
+                        for guider_state_batch in guider_state:
+                            self.guider.prepare_models(self.denoiser)
+                            guider_state_batch.noise_pred = self._predict(
+                                latent_model_input,
+                                t,
+                                **{name: getattr(guider_state_batch, name) for name in guider_inputs},
+                            )
+                            self.guider.cleanup_models(self.denoiser)
+                    model_output = self.guider(guider_state)[0]
 
                 latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
@@ -681,6 +792,13 @@ class SculptPipeline(DiffusionPipeline):
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                    if self.guider is not None and self._guidance_scale is not None:
+                        raise ValueError(
+                            f"A `callback_on_step_end` set `_guidance_scale` to {self._guidance_scale}, but this "
+                            f"pipeline's `guider` ({type(self.guider).__name__}) owns guidance: limit guidance to "
+                            "part of the steps with the guider's `start`/`stop` instead, e.g. "
+                            "`pipe.guider = pipe.guider.new(stop=0.5)`."
+                        )
                     # diffusers' CFG-cutoff callbacks end guidance by setting `_guidance_scale = 0`, which diffusers'
                     # pipelines read as "no guidance" (w <= 1); here w = 0 would mean unconditional sampling, so a
                     # callback's lowering to <= 1 is read as diffusers means it: plain conditional sampling
