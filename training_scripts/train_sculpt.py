@@ -5,7 +5,8 @@
     accelerate launch training_scripts/train_sculpt.py
 
 trains a class-conditional pixel-space model on scikit-learn's handwritten digits (16x16) in a few minutes on a
-CPU. See training_scripts/README.md for the flags, other data, text conditioning, latent training and publishing.
+CPU; `--model_type dit` trains a Diffusion Transformer instead of the U-Net. See training_scripts/README.md for the
+flags, other data, text conditioning, latent training and publishing.
 The structure follows diffusers' training examples (train_unconditional.py, train_text_to_image.py).
 """
 
@@ -30,6 +31,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
+from sculptdiff.models.transformers.dit_sculpt import SculptDiT2DModel
 from sculptdiff.models.unet_sculpt import SculptUNet2DModel
 from sculptdiff.pipelines.sculpt.pipeline_sculpt import SculptPipeline
 from sculptdiff.schedulers.scheduling_sculpt import SculptScheduler
@@ -64,14 +66,28 @@ from sculptdiff.training.publish import (
     portable_training_args,
     push_output_dir,
 )
-from sculptdiff.training.recipe import RECIPE, build_ema, build_noise_scheduler, build_unet, default_unet_config
+from sculptdiff.training.recipe import (
+    RECIPE,
+    build_dit,
+    build_ema,
+    build_noise_scheduler,
+    build_unet,
+    default_dit_config,
+    default_unet_config,
+)
 from sculptdiff.training.validation import log_grid, render_sample_grid
 
 
 logger = get_logger(__name__, log_level="INFO")
 
 DEFAULT_MODEL_CARD_TEMPLATE = str(Path(__file__).resolve().parent.parent / "model_cards" / "sculpt_model_card.md")
-# The arguments that define a run (with the U-Net config, the process count and the precision): see run_fingerprint.
+# The arguments that define a run (with the model type and config, the process count and the precision): see
+# run_fingerprint.
+# The pipeline component of each --model_type: the slot name is part of the saved format (model_index.json, subfolder).
+COMPONENTS = {"unet": "unet", "dit": "transformer"}
+# The shape flags of each backbone (--attention_head_dim and --dropout are shared).
+UNET_SHAPE_FLAGS = ("block_out_channels", "layers_per_block", "attention_levels", "norm_num_groups")
+DIT_SHAPE_FLAGS = ("patch_size", "num_layers", "num_attention_heads")
 FINGERPRINT_ARGS = (
     # data
     "dataset_name", "dataset_config_name", "train_data_dir", "image_column", "class_column", "caption_column",
@@ -168,51 +184,98 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--pretrained_model_name_or_path",
         type=str,
         default=None,
-        help="A saved SculptPipeline (folder or Hub repo id) to fine-tune; its U-Net, scheduler and text encoder are used.",
+        help=(
+            "A saved SculptPipeline (folder or Hub repo id) to fine-tune; its denoiser (U-Net or transformer),"
+            " scheduler and text encoder are used."
+        ),
+    )
+    parser.add_argument(
+        "--model_type",
+        type=str,
+        default=None,
+        choices=list(COMPONENTS),
+        help=(
+            "The denoising network: `unet` (SculptUNet2DModel, the default for a new model) or `dit` (SculptDiT2DModel,"
+            " a Diffusion Transformer, Peebles & Xie 2022; with --prediction_type flow it is SiT, Ma et al. 2024),"
+            " saved as the pipeline's `transformer`. Fine-tuning defaults to the backbone of"
+            " --pretrained_model_name_or_path and refuses another."
+        ),
     )
     parser.add_argument(
         "--model_config_name_or_path",
         type=str,
         default=None,
-        help="A SculptUNet2DModel config (config.json, or a folder holding one) for a new U-Net; shape flags override it.",
+        help=(
+            "A SculptUNet2DModel (or, with --model_type dit, SculptDiT2DModel) config (config.json, or a folder"
+            " holding one) for a new model; shape flags override it."
+        ),
     )
     parser.add_argument(
         "--block_out_channels",
         type=int,
         nargs="+",
         default=None,
-        help="Channels of each U-Net level, highest resolution first (default 32 64 64).",
+        help="U-Net: channels of each level, highest resolution first (default 32 64 64).",
     )
     parser.add_argument(
         "--layers_per_block",
         type=int,
         default=None,
-        help="Residual blocks per U-Net level on the down path (default 1).",
+        help="U-Net: residual blocks per level on the down path (default 1).",
     )
     parser.add_argument(
         "--attention_levels",
         type=int,
         nargs="+",
         default=None,
-        help="One 0/1 flag per U-Net level: attention at that level (default 0 0 1: attention at the lowest level).",
+        help="U-Net: one 0/1 flag per level, attention at that level (default 0 0 1: attention at the lowest level).",
     )
     parser.add_argument(
-        "--attention_head_dim", type=int, default=None, help="Channels per attention head (default 32)."
+        "--attention_head_dim",
+        type=int,
+        default=None,
+        help="Channels per attention head (default 32 for the U-Net, 16 for the DiT).",
     )
     parser.add_argument(
         "--norm_num_groups",
         type=int,
         default=None,
-        help="GroupNorm groups; must divide every entry of --block_out_channels (default 8).",
+        help="U-Net: GroupNorm groups; must divide every entry of --block_out_channels (default 8).",
     )
-    parser.add_argument("--dropout", type=float, default=None, help="Dropout in the U-Net blocks (default 0.0).")
+    parser.add_argument(
+        "--dropout", type=float, default=None, help="Dropout in the U-Net or transformer blocks (default 0.0)."
+    )
+    parser.add_argument(
+        "--patch_size",
+        type=int,
+        default=None,
+        help=(
+            "DiT: side of the square patches that become tokens (default 2, DiT's best: a 16 px image is 64 tokens);"
+            " --resolution must be a multiple of it."
+        ),
+    )
+    parser.add_argument(
+        "--num_layers",
+        type=int,
+        default=None,
+        help="DiT: number of transformer blocks (default 6; DiT-S has 12, cut for a CPU).",
+    )
+    parser.add_argument(
+        "--num_attention_heads",
+        type=int,
+        default=None,
+        help=(
+            "DiT: attention heads per block (default 6, DiT-S's); the width is heads x --attention_head_dim (default"
+            " 6 x 16 = 96, about the default U-Net's parameter count: sculptdiff.training.recipe.default_dit_config)."
+        ),
+    )
     parser.add_argument(
         "--text_encoder_name_or_path",
         type=str,
         default=None,
         help=(
             "A transformers text encoder + tokenizer (folder or Hub id) for caption training; it stays frozen and its"
-            " last_hidden_state feeds the U-Net's cross-attention (cross_attention_dim = its hidden size)."
+            " last_hidden_state feeds the denoiser's cross-attention (cross_attention_dim = its hidden size)."
         ),
     )
     parser.add_argument(
@@ -229,7 +292,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         choices=["epsilon", "v_prediction", "sample", "flow"],
         help=(
-            "What the U-Net learns to predict: the noise (epsilon, DDPM), the velocity (v_prediction, Salimans & Ho"
+            "What the denoiser learns to predict: the noise (epsilon, DDPM), the velocity (v_prediction, Salimans & Ho"
             " 2022), the clean sample, or the rectified-flow velocity eps - x_0 (flow). Default: epsilon, or the"
             " fine-tuned model's."
         ),
@@ -261,7 +324,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=(
             "Probability that the condition is dropped during training, for classifier-free guidance (default 0.1)."
-            " Class labels are dropped by the U-Net's embedder (stored in its config); captions are replaced by the"
+            " Class labels are dropped by the denoiser's embedder (stored in its config); captions are replaced by the"
             " empty-prompt embedding."
         ),
     )
@@ -520,6 +583,18 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             "--rescale_betas_zero_snr makes the last step pure noise, where an epsilon prediction carries no"
             " information (Lin et al. 2023): add --prediction_type v_prediction."
         )
+    if args.pretrained_model_name_or_path is None:
+        # a new model: unet unless asked (a fine-tuned one takes the saved backbone, known once its folder is read)
+        args.model_type = args.model_type or "unet"
+        own_flags, other_flags = (
+            (UNET_SHAPE_FLAGS, DIT_SHAPE_FLAGS) if args.model_type == "unet" else (DIT_SHAPE_FLAGS, UNET_SHAPE_FLAGS)
+        )
+        given = [f"--{flag}" for flag in other_flags if getattr(args, flag) is not None]
+        if given:
+            raise ValueError(
+                f"{' '.join(given)}: not a flag of --model_type {args.model_type}, whose shape flags are"
+                f" {', '.join('--' + flag for flag in own_flags)}, --attention_head_dim and --dropout."
+            )
     # a config file or a fine-tuned model may have another number of levels: build_unet checks those
     if (
         args.attention_levels is not None
@@ -544,7 +619,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     positive = (
         "resolution", "max_train_steps", "num_train_epochs", "train_batch_size", "gradient_accumulation_steps",
         "num_train_timesteps", "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
-        "num_validation_images", "validation_inference_steps", "eval_steps", "eval_num_samples",
+        "num_validation_images", "validation_inference_steps", "eval_steps", "eval_num_samples", "patch_size",
+        "num_layers", "num_attention_heads", "attention_head_dim",
     )  # fmt: skip
     for flag in positive:
         value = getattr(args, flag)
@@ -559,29 +635,82 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_or_build_unet(args: argparse.Namespace, data_config: dict) -> SculptUNet2DModel:
-    """A new U-Net (the recipe's shape, or a config file, with the shape flags on top), or the U-Net of the pipeline
-    being fine-tuned."""
+def pretrained_model_type(pretrained: str, cache_dir: str | None) -> str:
+    """The --model_type of a saved SculptPipeline: which denoiser slot its model_index.json fills."""
+    index = SculptPipeline.load_config(pretrained, cache_dir=cache_dir)
+    # an empty optional slot is saved as [null, null]
+    filled = [model_type for model_type, component in COMPONENTS.items() if (index.get(component) or [None])[0]]
+    if len(filled) != 1:
+        raise ValueError(
+            f"--pretrained_model_name_or_path {pretrained!r} is not a SculptPipeline with one denoiser: its"
+            f" model_index.json fills {[COMPONENTS[name] for name in filled]} of 'unet' and 'transformer'."
+        )
+    return filled[0]
+
+
+def load_or_build_denoiser(args: argparse.Namespace, data_config: dict) -> SculptUNet2DModel | SculptDiT2DModel:
+    """A new U-Net or DiT (the recipe's shape, or a config file, with the shape flags on top), or the denoiser of the
+    pipeline being fine-tuned."""
+    model_class = SculptUNet2DModel if args.model_type == "unet" else SculptDiT2DModel
     if args.pretrained_model_name_or_path is not None:
         # config overrides: the objective and dropout of this run, and what the data decides
-        unet = SculptUNet2DModel.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="unet", cache_dir=args.cache_dir, **data_config
+        return model_class.from_pretrained(
+            args.pretrained_model_name_or_path,
+            subfolder=COMPONENTS[args.model_type],
+            cache_dir=args.cache_dir,
+            **data_config,
         )
-        return unet
 
     config = None
     if args.model_config_name_or_path is not None:
-        config = dict(SculptUNet2DModel.load_config(args.model_config_name_or_path, cache_dir=args.cache_dir))
-    shape_flags = {
-        "block_out_channels": tuple(args.block_out_channels) if args.block_out_channels else None,
-        "layers_per_block": args.layers_per_block,
-        "attention_levels": tuple(bool(flag) for flag in args.attention_levels) if args.attention_levels else None,
-        "attention_head_dim": args.attention_head_dim,
-        "norm_num_groups": args.norm_num_groups,
-        "dropout": args.dropout,
-    }
+        config = dict(model_class.load_config(args.model_config_name_or_path, cache_dir=args.cache_dir))
+    if args.model_type == "dit":
+        shape_flags = {
+            "patch_size": args.patch_size,
+            "num_layers": args.num_layers,
+            "num_attention_heads": args.num_attention_heads,
+            "attention_head_dim": args.attention_head_dim,
+            "dropout": args.dropout,
+        }
+        build = build_dit
+    else:
+        shape_flags = {
+            "block_out_channels": tuple(args.block_out_channels) if args.block_out_channels else None,
+            "layers_per_block": args.layers_per_block,
+            "attention_levels": tuple(bool(flag) for flag in args.attention_levels) if args.attention_levels else None,
+            "attention_head_dim": args.attention_head_dim,
+            "norm_num_groups": args.norm_num_groups,
+            "dropout": args.dropout,
+        }
+        build = build_unet
     shape = {name: value for name, value in shape_flags.items() if value is not None}
-    return build_unet(config, **shape, **data_config)
+    return build(config, **shape, **data_config)
+
+
+def dit_patch_size(args: argparse.Namespace) -> int:
+    """The patch size of the DiT this run trains: the fine-tuned model's, --patch_size, the config file's or the
+    recipe's."""
+    if args.pretrained_model_name_or_path is not None:
+        config = SculptDiT2DModel.load_config(
+            args.pretrained_model_name_or_path, subfolder="transformer", cache_dir=args.cache_dir
+        )
+        return config["patch_size"]
+    if args.patch_size is not None:
+        return args.patch_size
+    if args.model_config_name_or_path is not None:
+        config = SculptDiT2DModel.load_config(args.model_config_name_or_path, cache_dir=args.cache_dir)
+        return config.get("patch_size", default_dit_config()["patch_size"])
+    return default_dit_config()["patch_size"]
+
+
+def check_resolution(resolution: int, factor: int, network: str, reason: str):
+    """--resolution must pass through the VAE and the network: a multiple of the product of their downsampling
+    factors, `factor`."""
+    if resolution % factor != 0:
+        raise ValueError(
+            f"--resolution {resolution} cannot pass through this {network}: it must be a multiple of {factor}"
+            f" ({reason}), e.g. {max(factor, resolution // factor * factor)} or {(resolution // factor + 1) * factor}."
+        )
 
 
 def encode_captions(pipeline: SculptPipeline, captions: list[str], device: torch.device) -> torch.Tensor:
@@ -591,7 +720,9 @@ def encode_captions(pipeline: SculptPipeline, captions: list[str], device: torch
         return pipeline.encode_prompt(captions, device, do_classifier_free_guidance=False)[0]
 
 
-def run_fingerprint(args: argparse.Namespace, unet: SculptUNet2DModel, accelerator: Accelerator) -> dict:
+def run_fingerprint(
+    args: argparse.Namespace, denoiser: SculptUNet2DModel | SculptDiT2DModel, accelerator: Accelerator
+) -> dict:
     """What defines this run, stored with each checkpoint: `latest` resumes only a checkpoint with the same one.
 
     Left out: what may change between a run and its resume without changing the weights it trains (logging,
@@ -605,9 +736,12 @@ def run_fingerprint(args: argparse.Namespace, unet: SculptUNet2DModel, accelerat
             fingerprint[name] = os.path.realpath(fingerprint[name])
     if args.vae_name_or_path is not None and os.path.exists(args.vae_name_or_path):
         fingerprint["vae_name_or_path"] = os.path.realpath(args.vae_name_or_path)
-    # the U-Net config holds the shape, the objective and what the data decided (classes, channels, size)
-    config = accelerator.unwrap_model(unet).config
-    fingerprint["unet_config"] = {name: value for name, value in config.items() if not name.startswith("_")}
+    # the denoiser's config holds the shape, the objective and what the data decided (classes, channels, size)
+    config = accelerator.unwrap_model(denoiser).config
+    fingerprint["model_type"] = args.model_type
+    fingerprint[f"{COMPONENTS[args.model_type]}_config"] = {
+        name: value for name, value in config.items() if not name.startswith("_")
+    }
     fingerprint["num_processes"] = accelerator.num_processes
     fingerprint["mixed_precision"] = accelerator.mixed_precision
     return fingerprint
@@ -632,7 +766,7 @@ def render_grid(
         num_classes=len(names) if names is not None else None,
         prompts=validation_prompts,
         # the flow sampler is deterministic and takes no eta
-        eta=None if pipeline.unet.config.prediction_type == "flow" else args.validation_eta,
+        eta=None if pipeline.denoiser.config.prediction_type == "flow" else args.validation_eta,
     )
 
 
@@ -705,7 +839,19 @@ def main(args: argparse.Namespace):
         vae.eval()
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
 
-    # 3. the U-Net: what the data decides goes into its config, so the saved pipeline knows it
+    # 3. the denoiser (U-Net or DiT): what the data decides goes into its config, so the saved pipeline knows it
+    if pretrained is not None:
+        saved_model_type = pretrained_model_type(pretrained, args.cache_dir)
+        if args.model_type not in (None, saved_model_type):
+            raise ValueError(
+                f"--model_type {args.model_type} but --pretrained_model_name_or_path {pretrained!r} holds a"
+                f" {saved_model_type} (its `{COMPONENTS[saved_model_type]}`): pass --model_type {saved_model_type}"
+                " or drop the flag to fine-tune it, or drop --pretrained_model_name_or_path to train a new"
+                f" {args.model_type}."
+            )
+        args.model_type = saved_model_type
+    component = COMPONENTS[args.model_type]
+    network = "U-Net" if args.model_type == "unet" else "DiT"
     data_config = {"sample_size": args.resolution // vae_scale_factor}
     if args.prediction_type is not None or pretrained is None:
         data_config["prediction_type"] = args.prediction_type or RECIPE.prediction_type
@@ -724,32 +870,34 @@ def main(args: argparse.Namespace):
             data_config["id2label"] = {str(index): name for index, name in enumerate(names)}
         if conditioning == "text":
             data_config["cross_attention_dim"] = text_encoder.config.hidden_size
-    unet = load_or_build_unet(args, data_config)
+    if args.model_type == "dit":
+        # checked before the DiT is built, which refuses a sample size its patches do not tile, naming no flag
+        patch_size = dit_patch_size(args)
+        reason = f"patches of {patch_size}{' in a VAE latent space' if vae else ''}"
+        check_resolution(args.resolution, vae_scale_factor * patch_size, network, reason)
+    denoiser = load_or_build_denoiser(args, data_config)
     if pretrained is not None:
-        if (unet.config.num_class_embeds is not None) != (conditioning == "class"):
+        if (denoiser.config.num_class_embeds is not None) != (conditioning == "class"):
             raise ValueError(
-                f"The U-Net of {pretrained!r} is {'' if unet.config.num_class_embeds else 'not '}class-conditional"
+                f"The {network} of {pretrained!r} is {'' if denoiser.config.num_class_embeds else 'not '}class-conditional"
                 f" but this run's data is {'' if conditioning == 'class' else 'not '}: set --class_column accordingly."
             )
-        if (unet.config.cross_attention_dim is not None) != (conditioning == "text"):
+        if (denoiser.config.cross_attention_dim is not None) != (conditioning == "text"):
             raise ValueError(
-                f"The U-Net of {pretrained!r} {'takes' if unet.config.cross_attention_dim else 'does not take'} text;"
+                f"The {network} of {pretrained!r} {'takes' if denoiser.config.cross_attention_dim else 'does not take'} text;"
                 " set --caption_column accordingly."
             )
-        if conditioning == "class" and len(names) != unet.config.num_class_embeds:
+        if conditioning == "class" and len(names) != denoiser.config.num_class_embeds:
             raise ValueError(
-                f"{pretrained!r} has {unet.config.num_class_embeds} classes but --class_column has {len(names)}."
+                f"{pretrained!r} has {denoiser.config.num_class_embeds} classes but --class_column has {len(names)}."
             )
-    prediction_type = unet.config.prediction_type
-    conditioning_dropout_prob = unet.config.conditioning_dropout_prob
-    factor = vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
-    if args.resolution % factor != 0:
-        raise ValueError(
-            f"--resolution {args.resolution} cannot pass through this U-Net: it must be a multiple of {factor}"
-            f" ({len(unet.config.block_out_channels)} levels{' in a VAE latent space' if vae else ''}), e.g."
-            f" {max(factor, args.resolution // factor * factor)} or {(args.resolution // factor + 1) * factor}."
-        )
-    image_mode = image_mode_for_channels(vae.config.in_channels if vae is not None else unet.config.in_channels)
+    prediction_type = denoiser.config.prediction_type
+    conditioning_dropout_prob = denoiser.config.conditioning_dropout_prob
+    if args.model_type == "unet":
+        levels = len(denoiser.config.block_out_channels)
+        factor = vae_scale_factor * 2 ** (levels - 1)
+        check_resolution(args.resolution, factor, network, f"{levels} levels{' in a VAE latent space' if vae else ''}")
+    image_mode = image_mode_for_channels(vae.config.in_channels if vae is not None else denoiser.config.in_channels)
 
     # 4. the forward process: DDPM family (Ho et al. 2020) or rectified flow (Liu et al. 2022)
     if prediction_type != "flow" and pretrained is not None and args.prediction_type is None:
@@ -765,22 +913,22 @@ def main(args: argparse.Namespace):
         )
 
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
 
     # 5. EMA of the weights (Polyak averaging, as in DDPM's released models), with crowsonkb's warm-up so that short
     # runs average recent weights rather than the random initialisation
-    ema_unet = build_ema(unet, args.ema_decay, args.ema_inv_gamma, args.ema_power) if args.use_ema else None
+    ema_denoiser = build_ema(denoiser, args.ema_decay, args.ema_inv_gamma, args.ema_power) if args.use_ema else None
     # the model that samples: a copy made now, so that making it never draws from the RNG mid-training
-    sampling_unet = copy.deepcopy(unet).eval()
-    sampling_unet.requires_grad_(False)
+    sampling_denoiser = copy.deepcopy(denoiser).eval()
+    sampling_denoiser.requires_grad_(False)
 
-    # 6. checkpoints hold save_pretrained folders (safetensors) for the U-Net and its EMA
-    ema_models = {"unet_ema": ema_unet} if args.use_ema else {}
-    register_checkpoint_hooks(accelerator, model_folders=["unet"], ema_models=ema_models)
+    # 6. checkpoints hold save_pretrained folders (safetensors) for the denoiser and its EMA
+    ema_models = {f"{component}_ema": ema_denoiser} if args.use_ema else {}
+    register_checkpoint_hooks(accelerator, model_folders=[component], ema_models=ema_models)
 
     optimizer = torch.optim.AdamW(
-        unet.parameters(),
+        denoiser.parameters(),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -823,11 +971,11 @@ def main(args: argparse.Namespace):
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
 
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        unet, optimizer, train_dataloader, lr_scheduler
+    denoiser, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        denoiser, optimizer, train_dataloader, lr_scheduler
     )
     if args.use_ema:
-        ema_unet.to(accelerator.device)
+        ema_denoiser.to(accelerator.device)
     if text_encoder is not None:
         text_encoder.to(accelerator.device)
     if vae is not None:
@@ -839,7 +987,11 @@ def main(args: argparse.Namespace):
     # the pipeline that samples during and after training; it also owns prompt encoding
     sample_scheduler = copy.deepcopy(noise_scheduler)
     pipeline = SculptPipeline(
-        unet=sampling_unet, scheduler=sample_scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae
+        **{component: sampling_denoiser},
+        scheduler=sample_scheduler,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        vae=vae,
     )
     null_prompt_embeds = None
     if conditioning == "text":
@@ -859,7 +1011,7 @@ def main(args: argparse.Namespace):
 
     evaluator = None
     if args.eval_steps is not None:
-        if conditioning != "class" or sampling_unet.config.in_channels != 1 or args.resolution not in (16, 32):
+        if conditioning != "class" or sampling_denoiser.config.in_channels != 1 or args.resolution not in (16, 32):
             raise ValueError(
                 "--eval_steps scores digits: it needs a class-conditional 1-channel model at --resolution 16 or 32"
                 " (the built-in digits data). Drop --eval_steps for other data."
@@ -877,15 +1029,15 @@ def main(args: argparse.Namespace):
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
     logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
-    logger.info(f"  U-Net parameters = {sum(p.numel() for p in unet.parameters()):,}")
+    logger.info(f"  {type(denoiser).__name__} parameters = {sum(p.numel() for p in denoiser.parameters()):,}")
 
     # 7. resume: only a checkpoint of this run (same fingerprint) unless one is named explicitly
-    fingerprint = run_fingerprint(args, unet, accelerator)
+    fingerprint = run_fingerprint(args, denoiser, accelerator)
     resume = find_resume_checkpoint(
         args.resume_from_checkpoint,
         args.output_dir,
         fingerprint,
-        model_folders=["unet", *ema_models],
+        model_folders=[component, *ema_models],
         num_processes=accelerator.num_processes,
         max_train_steps=args.max_train_steps,
     )
@@ -906,8 +1058,9 @@ def main(args: argparse.Namespace):
                 eps=args.adam_epsilon,
                 weight_decay=args.adam_weight_decay,
             )
-            if ema_unet is not None:
-                ema_unet.decay, ema_unet.inv_gamma, ema_unet.power = args.ema_decay, args.ema_inv_gamma, args.ema_power
+            if ema_denoiser is not None:
+                ema_denoiser.decay, ema_denoiser.inv_gamma = args.ema_decay, args.ema_inv_gamma
+                ema_denoiser.power = args.ema_power
             logger.warning(
                 f"{resume.path} was trained with other settings: {format_differences(resume.differences)}. This"
                 f" run's settings apply from step {global_step + 1} (the random streams continue the checkpoint's);"
@@ -928,7 +1081,7 @@ def main(args: argparse.Namespace):
     train_loss = 0.0
     last_batch = None
     for epoch in range(first_epoch, num_train_epochs):
-        unet.train()
+        denoiser.train()
         train_dataloader.set_epoch(epoch)
         if epoch == first_epoch and resume_batches > 0:
             active_dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
@@ -938,7 +1091,7 @@ def main(args: argparse.Namespace):
             # checked first: a run resumed at its last step trains no more
             if global_step >= args.max_train_steps:
                 break
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(denoiser):
                 pixel_values = batch["pixel_values"]
                 if args.random_flip:
                     # flipped here, in the main process, so the draws are replayed on resume
@@ -957,7 +1110,7 @@ def main(args: argparse.Namespace):
                 encoder_hidden_states = None
                 class_labels = None
                 if conditioning == "class":
-                    # dropped to the null class by the U-Net's embedder (conditioning_dropout_prob in its config)
+                    # dropped to the null class by the denoiser's embedder (conditioning_dropout_prob in its config)
                     class_labels = batch["class_labels"]
                 elif conditioning == "text":
                     encoder_hidden_states = encode_captions(pipeline, batch["captions"], latents.device)
@@ -977,7 +1130,7 @@ def main(args: argparse.Namespace):
                     "encoder_hidden_states": encoder_hidden_states,
                 }
                 loss = diffusion_loss(
-                    unet,
+                    denoiser,
                     noise_scheduler,
                     latents,
                     prediction_type,
@@ -996,7 +1149,7 @@ def main(args: argparse.Namespace):
 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                    accelerator.clip_grad_norm_(denoiser.parameters(), args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
@@ -1005,9 +1158,9 @@ def main(args: argparse.Namespace):
             if accelerator.sync_gradients:
                 global_step += 1
                 # after the update and before anything is saved: a finite loss can still overflow the weights
-                guard.check_step(global_step, train_loss, unet.named_parameters())
+                guard.check_step(global_step, train_loss, denoiser.named_parameters())
                 if args.use_ema:
-                    ema_unet.step(unet.parameters())
+                    ema_denoiser.step(denoiser.parameters())
                 progress_bar.update(1)
                 accelerator.log({"train_loss": train_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
                 train_loss = 0.0
@@ -1020,7 +1173,7 @@ def main(args: argparse.Namespace):
 
                 if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
                     if accelerator.is_main_process:
-                        load_sampling_weights(sampling_unet, unet, ema_unet, accelerator)
+                        load_sampling_weights(sampling_denoiser, denoiser, ema_denoiser, accelerator)
                         grid = render_grid(pipeline, args, names, validation_prompts, guidance_scale, accelerator)
                         save_image(grid, os.path.join(args.output_dir, "samples", f"step-{global_step:06d}.png"))
                         log_grid(accelerator, grid, global_step)
@@ -1028,7 +1181,7 @@ def main(args: argparse.Namespace):
 
                 if args.eval_steps is not None and global_step % args.eval_steps == 0:
                     if accelerator.is_main_process:
-                        load_sampling_weights(sampling_unet, unet, ema_unet, accelerator)
+                        load_sampling_weights(sampling_denoiser, denoiser, ema_denoiser, accelerator)
                         labels = torch.arange(args.eval_num_samples) % len(names)
                         images = pipeline(
                             class_labels=labels,
@@ -1056,18 +1209,18 @@ def main(args: argparse.Namespace):
 
     # 8. the final pipeline (EMA weights), checked before anything is written, its samples, its card
     accelerator.wait_for_everyone()
-    load_sampling_weights(sampling_unet, unet, ema_unet, accelerator)
+    load_sampling_weights(sampling_denoiser, denoiser, ema_denoiser, accelerator)
     final_loss = None
     if last_batch is not None:
         with torch.no_grad():
             final_loss = diffusion_loss(
-                sampling_unet,
+                sampling_denoiser,
                 noise_scheduler,
                 prediction_type=prediction_type,
                 generator=torch.Generator(device=accelerator.device).manual_seed(0),
                 **last_batch,
             ).item()
-    guard.check_final(final_loss, sampling_unet.named_parameters(), args.output_dir)
+    guard.check_final(final_loss, sampling_denoiser.named_parameters(), args.output_dir)
     if accelerator.is_main_process:
         pipeline.save_pretrained(args.output_dir)
         grid = render_grid(pipeline, args, names, validation_prompts, guidance_scale, accelerator)
@@ -1124,13 +1277,16 @@ def main(args: argparse.Namespace):
 
 
 def load_sampling_weights(
-    sampling_unet: SculptUNet2DModel, unet: torch.nn.Module, ema_unet: EMAModel | None, accelerator: Accelerator
+    sampling_denoiser: SculptUNet2DModel | SculptDiT2DModel,
+    denoiser: torch.nn.Module,
+    ema_denoiser: EMAModel | None,
+    accelerator: Accelerator,
 ):
-    """Copy the EMA weights (or the training weights) into the U-Net the pipeline samples with."""
-    if ema_unet is not None:
-        ema_unet.copy_to(sampling_unet.parameters())
+    """Copy the EMA weights (or the training weights) into the denoiser the pipeline samples with."""
+    if ema_denoiser is not None:
+        ema_denoiser.copy_to(sampling_denoiser.parameters())
     else:
-        sampling_unet.load_state_dict(accelerator.unwrap_model(unet).state_dict())
+        sampling_denoiser.load_state_dict(accelerator.unwrap_model(denoiser).state_dict())
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ ALLOW_PATTERNS = ["model_index.json", "pipeline_sculpt.py", "README.md", "unet/*
 
 def render(**overrides) -> ModelCard:
     fields = {
+        "architecture": "SculptUNet2DModel (U-Net, 2 levels of 8, 16 channels)",
         "conditioning": "class",
         "dataset_name": "sklearn-digits",
         "dataset_description": "Digits.",
@@ -163,6 +164,19 @@ def test_local_paths_stay_out_of_the_card(tmp_path):
     assert "fine-tuned from `base`" in card.text
 
 
+def test_model_card_of_a_dit_pipeline_names_the_transformer(build_tiny_dit):
+    """Issue 15: a DiT pipeline has no `unet`; the card reads its `transformer` through `pipeline.denoiser`."""
+    transformer = build_tiny_dit(num_layers=2, prediction_type="flow")
+    pipeline = SculptPipeline(transformer=transformer, scheduler=SculptFlowScheduler(num_train_timesteps=100))
+    text = build_model_card(run_args(), pipeline, RUN).text
+    assert "a SculptDiT2DModel (DiT, patch 2, 2 layers, width 16) that denoises 8x8 images" in text
+    assert "trained with rectified flow" in text and "5 classes: zero, one, two, three, four" in text
+    assert "names: pipe.denoiser.config.id2label" in text and "U-Net" not in text
+    assert f"| parameters | {sum(p.numel() for p in transformer.parameters()):,} |" in text
+    assert "| patch_size | 2 |" in text and "| num_layers | 2 |" in text and "| num_attention_heads | 2 |" in text
+    assert "| attention_head_dim | 8 |" in text and "block_out_channels" not in text
+
+
 def test_build_model_card_reads_the_pipeline_the_args_and_the_run():
     id2label = {0: "zero", 1: "one", 2: "two"}
     pipeline = tiny_pipeline(num_class_embeds=3, id2label=id2label)
@@ -180,6 +194,7 @@ def test_build_model_card_reads_the_pipeline_the_args_and_the_run():
     # the schedule from the pipeline's scheduler, the size from its U-Net, the recipe from the args
     assert "under a 100-step `squaredcos_cap_v2` noise schedule" in text
     assert "| num_train_timesteps | 100 |" in text and "| block_out_channels | [8, 16] |" in text
+    assert "a SculptUNet2DModel (U-Net, 2 levels of 8, 16 channels) that denoises 8x8 images" in text
     assert f"| parameters | {sum(p.numel() for p in pipeline.unet.parameters()):,} |" in text
     assert "| train_batch_size (total) | 64 |" in text and "| ema_power | 0.75 |" in text
     assert "| learning_rate | 0.001 |" in text and "| seed | 0 |" in text

@@ -2,10 +2,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sculptdiff.models.transformers.dit_sculpt import SculptDiT2DModel
 from sculptdiff.models.unet_sculpt import SculptUNet2DModel
 from sculptdiff.schedulers.scheduling_sculpt import SculptScheduler
 from sculptdiff.schedulers.scheduling_sculpt_flow import SculptFlowScheduler
-from sculptdiff.training.recipe import RECIPE, build_ema, build_noise_scheduler, build_unet, default_unet_config
+from sculptdiff.training.recipe import (
+    RECIPE,
+    build_dit,
+    build_ema,
+    build_noise_scheduler,
+    build_unet,
+    default_dit_config,
+    default_unet_config,
+)
 
 
 DIGITS = {"sample_size": 16, "in_channels": 1, "out_channels": 1, "num_class_embeds": 10}
@@ -30,6 +39,27 @@ def test_build_unet_overrides_a_given_config_and_returns_fresh_dicts():
     assert default_unet_config()["block_out_channels"] == (32, 64, 64)
     # the norm groups of the given config stay, the recipe's do not come back
     assert unet.config.norm_num_groups == 8 and unet.config.layers_per_block == 2
+
+
+def test_default_dit_is_the_size_of_the_default_unet():
+    torch.manual_seed(0)
+    dit = build_dit(**DIGITS, prediction_type="flow")
+    assert type(dit) is SculptDiT2DModel
+    # the size the help of train_sculpt.py's DiT flags quotes: about the default U-Net's 1.19M
+    assert sum(parameter.numel() for parameter in dit.parameters()) == 1_058_500
+    assert (dit.config.patch_size, dit.config.num_layers) == (2, 6)
+    assert (dit.config.num_attention_heads, dit.config.attention_head_dim) == (6, 16)
+    assert dit.config.prediction_type == "flow" and dit.config.num_class_embeds == 10
+
+
+def test_build_dit_overrides_a_given_config_and_returns_fresh_dicts():
+    config = {**default_dit_config(), "num_layers": 1, "mlp_ratio": 2.0}
+    dit = build_dit(config, num_attention_heads=2, attention_head_dim=8, **DIGITS)
+    assert len(dit.transformer_blocks) == 1 and dit.config.mlp_ratio == 2.0 and dit.config.num_attention_heads == 2
+    config["patch_size"] = 4
+    assert default_dit_config()["patch_size"] == 2
+    with pytest.raises(ValueError, match="multiple of `patch_size`"):
+        build_dit(patch_size=3, **DIGITS)
 
 
 def test_noise_scheduler_of_each_objective():

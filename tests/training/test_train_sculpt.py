@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from sculptdiff.models.transformers.dit_sculpt import SculptDiT2DModel
 from sculptdiff.models.unet_sculpt import SculptUNet2DModel
 from sculptdiff.pipelines.sculpt.pipeline_sculpt import SculptPipeline
 from sculptdiff.schedulers.scheduling_sculpt import SculptScheduler
@@ -30,12 +32,20 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "training_scripts" / "train_sculpt.py"
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
 LAUNCH += ["--dynamo_backend", "no"]
-# 16 digits at 8x8, a 2-level U-Net of 8-16 channels, 100 training timesteps, 2 sampling steps.
-TINY = [
+# 16 digits at 8x8, 100 training timesteps, 2 sampling steps ...
+TINY_RUN = [
     "--resolution", "8", "--max_train_samples", "16", "--train_batch_size", "4", "--seed", "0",
-    "--block_out_channels", "8", "16", "--norm_num_groups", "4", "--attention_levels", "0", "1",
-    "--attention_head_dim", "8", "--num_train_timesteps", "100", "--lr_warmup_steps", "1",
+    "--num_train_timesteps", "100", "--lr_warmup_steps", "1",
     "--validation_steps", "100", "--num_validation_images", "2", "--validation_inference_steps", "2",
+]  # fmt: skip
+# ... with a 2-level U-Net of 8-16 channels
+TINY = TINY_RUN + [
+    "--block_out_channels", "8", "16", "--norm_num_groups", "4", "--attention_levels", "0", "1",
+    "--attention_head_dim", "8",
+]  # fmt: skip
+# ... or with a DiT of 1 block of width 16 (2 heads of 8) over 2x2 patches
+TINY_DIT = TINY_RUN + [
+    "--model_type", "dit", "--num_layers", "1", "--num_attention_heads", "2", "--attention_head_dim", "8",
 ]  # fmt: skip
 OUTPUT_FILES = {
     "model_index.json",
@@ -55,19 +65,27 @@ def subprocess_env(**extra: str) -> dict:
     return env
 
 
-def launch_command(output_dir: Path, *args: str, num_processes: int = 1) -> list[str]:
+def launch_command(output_dir: Path, *args: str, num_processes: int = 1, model: list[str] = TINY) -> list[str]:
     launcher = LAUNCH + ["--num_processes", str(num_processes)]
     if num_processes > 1:
         # accelerate 1.15 starts CPU processes with torchrun only through --multi_gpu; ACCELERATE_USE_CPU=1 makes
         # them a gloo MULTI_CPU group (`--cpu --num_processes 2` would run a single process)
         launcher.append("--multi_gpu")
-    return [*launcher, str(SCRIPT), *TINY, "--output_dir", str(output_dir), *args]
+    return [*launcher, str(SCRIPT), *model, "--output_dir", str(output_dir), *args]
 
 
-def train(output_dir: Path, *args: str, num_processes: int = 1, env: dict | None = None, check: bool = True):
+def train(
+    output_dir: Path,
+    *args: str,
+    num_processes: int = 1,
+    env: dict | None = None,
+    check: bool = True,
+    model: list[str] = TINY,
+):
+    """Run train_sculpt.py with `model` (the tiny run and denoiser flags) and `args`."""
     env = env or subprocess_env(**({"ACCELERATE_USE_CPU": "1"} if num_processes > 1 else {}))
     result = subprocess.run(
-        launch_command(output_dir, *args, num_processes=num_processes),
+        launch_command(output_dir, *args, num_processes=num_processes, model=model),
         env=env,
         cwd=REPO_ROOT,
         capture_output=True,
@@ -528,8 +546,118 @@ def test_bad_input_fails_before_the_first_step(script, tmp_path, args, message):
         (["--resolution", "0"], "--resolution must be >= 1, got 0"),
         (["--resolution", "-16"], "--resolution must be >= 1, got -16"),
         (["--attention_levels", "0", "1"], "--attention_levels needs one 0/1 flag per level of --block_out_channels (3 levels)"),
+        (["--model_type", "dit", "--block_out_channels", "8", "16", "--norm_num_groups", "4"],
+         "--block_out_channels --norm_num_groups: not a flag of --model_type dit, whose shape flags are --patch_size"),
+        (["--num_layers", "2"], "--num_layers: not a flag of --model_type unet"),
+        (["--model_type", "dit", "--num_attention_heads", "0"], "--num_attention_heads must be >= 1, got 0"),
     ],
 )  # fmt: skip
 def test_bad_flag_combinations_fail_in_parse_args(script, args, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         script.parse_args(args)
+
+
+# Issue 15: --model_type dit trains a SculptDiT2DModel, saved as the pipeline's `transformer`.
+@pytest.fixture(scope="module")
+def trained_dit(tmp_path_factory) -> Path:
+    """A tiny DiT run (class-conditional digits), 3 steps with a checkpoint at step 2 (mid-epoch: 4 steps/epoch)."""
+    output_dir = tmp_path_factory.mktemp("dit") / "sculpt-digits-dit"
+    train(output_dir, "--max_train_steps", "3", "--checkpointing_steps", "2", model=TINY_DIT)
+    return output_dir
+
+
+def test_dit_run_saves_a_transformer_pipeline(trained_dit):
+    output = files(trained_dit)
+    assert {"transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"} <= output
+    assert not any(name.startswith("unet/") for name in output)
+    assert {"checkpoint-2/transformer/config.json", "checkpoint-2/transformer_ema/config.json"} <= output
+    index = json.loads((trained_dit / "model_index.json").read_text())
+    assert index["transformer"][1] == "SculptDiT2DModel" and index["unet"] == [None, None]
+    config = json.loads((trained_dit / "transformer" / "config.json").read_text())
+    assert (config["patch_size"], config["num_layers"], config["num_attention_heads"]) == (2, 1, 2)
+    assert config["prediction_type"] == "epsilon" and config["conditioning_dropout_prob"] == 0.1
+    assert config["num_class_embeds"] == 10 and config["sample_size"] == 8
+    fingerprint = json.loads((trained_dit / "checkpoint-2" / "run_fingerprint.json").read_text())
+    assert fingerprint["model_type"] == "dit" and fingerprint["transformer_config"]["num_layers"] == 1
+
+    pipe = SculptPipeline.from_pretrained(trained_dit)
+    assert type(pipe.transformer) is SculptDiT2DModel and pipe.unet is None
+    images = sample(pipe)
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+    # the saved transformer holds the EMA weights, not the training weights of the last step
+    last = load_file(trained_dit / "checkpoint-2" / "transformer" / "diffusion_pytorch_model.safetensors")
+    ema = load_file(trained_dit / "checkpoint-2" / "transformer_ema" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(last[name], ema[name]) for name in last)
+
+    card = (trained_dit / "README.md").read_text()
+    assert "a SculptDiT2DModel (DiT, patch 2, 1 layers, width 16) that denoises 8x8 images" in card
+    parameters = sum(parameter.numel() for parameter in pipe.transformer.parameters())
+    assert f"| parameters | {parameters:,} |" in card and "| num_layers | 1 |" in card
+
+
+def test_dit_resume_is_exact(trained_dit, tmp_path):
+    """The DiT run's mid-epoch checkpoint, resumed by `latest` in a fresh folder, ends on the same weights."""
+    output_dir = tmp_path / "resumed"
+    shutil.copytree(trained_dit / "checkpoint-2", output_dir / "checkpoint-2")
+    resumed = train(output_dir, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", model=TINY_DIT)
+    assert re.search(r"Resuming from checkpoint \S*checkpoint-2\b", resumed.stderr)
+    a, b = (
+        load_file(path / "transformer" / "diffusion_pytorch_model.safetensors") for path in (trained_dit, output_dir)
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_fine_tuning_a_dit_takes_its_backbone(trained_dit, tmp_path):
+    output_dir = tmp_path / "tuned"
+    # no --model_type: the saved pipeline's backbone
+    train(output_dir, "--max_train_steps", "2", "--pretrained_model_name_or_path", str(trained_dit), model=TINY_RUN)
+    assert not any(name.startswith("unet/") for name in files(output_dir))
+    base = load_file(trained_dit / "transformer" / "diffusion_pytorch_model.safetensors")
+    tuned = load_file(output_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert base.keys() == tuned.keys() and any(not torch.equal(base[name], tuned[name]) for name in base)
+    assert f"fine-tuned from `{trained_dit.name}`" in (output_dir / "README.md").read_text()
+    assert sample(SculptPipeline.from_pretrained(output_dir)).shape == (2, 8, 8, 1)
+
+
+def test_flow_dit_is_a_sit_pipeline(tmp_path):
+    """A DiT trained with flow matching (SiT): saved with the flow sampler, guided sampling works."""
+    output_dir = tmp_path / "sit"
+    train(output_dir, "--max_train_steps", "2", "--prediction_type", "flow", "--no-use_ema", model=TINY_DIT)
+    config = json.loads((output_dir / "transformer" / "config.json").read_text())
+    assert config["prediction_type"] == "flow"
+    pipe = SculptPipeline.from_pretrained(output_dir)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler) is SculptFlowScheduler and type(pipe.transformer) is SculptDiT2DModel
+    images = pipe(
+        class_labels=[1, 7],
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        generator=torch.manual_seed(0),
+        output_type="np",
+    ).images
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+    assert "trained with rectified flow" in (output_dir / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("model_type", "pretrained", "message"),
+    [
+        ("unet", "trained_dit", "--model_type unet but --pretrained_model_name_or_path {} holds a dit (its `transformer`)"),
+        ("dit", "trained", "--model_type dit but --pretrained_model_name_or_path {} holds a unet (its `unet`)"),
+    ],
+)  # fmt: skip
+def test_model_type_must_match_the_fine_tuned_backbone(script, request, tmp_path, model_type, pretrained, message):
+    folder = str(request.getfixturevalue(pretrained))
+    args = ["--output_dir", str(tmp_path / "out"), "--report_to", "none", "--model_type", model_type]
+    with pytest.raises(ValueError, match=re.escape(message.format(repr(folder)))):
+        script.main(script.parse_args(args + ["--pretrained_model_name_or_path", folder]))
+    assert not (tmp_path / "out" / "model_index.json").exists()
+
+
+def test_dit_resolution_must_be_a_multiple_of_the_patch(script, tmp_path):
+    args = ["--output_dir", str(tmp_path / "out"), "--report_to", "none", "--model_type", "dit", "--patch_size", "4"]
+    with pytest.raises(
+        ValueError,
+        match=re.escape("--resolution 10 cannot pass through this DiT: it must be a multiple of 4 (patches of 4)"),
+    ):
+        script.main(script.parse_args(args + ["--resolution", "10", "--num_layers", "1"]))

@@ -15,6 +15,7 @@ from pathlib import Path
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..models.transformers.dit_sculpt import SculptDiT2DModel
 from ..pipelines.sculpt.pipeline_sculpt import SculptPipeline
 from .data import DIGITS_DATASET_NAME
 from .publish import hub_repo_id
@@ -68,21 +69,41 @@ def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: Tr
             `model_card_template`, `pretrained_model_name_or_path`, `text_encoder_name_or_path`,
             `vae_name_or_path`, `learning_rate`, `lr_scheduler`, `lr_warmup_steps`, `max_train_steps`, `use_ema`,
             `ema_power`, `snr_gamma`, `seed`, `weighting_scheme`, `validation_inference_steps`, `validation_eta`.
-        pipeline: the saved pipeline: conditioning, class names (`id2label`), objective, schedule and size are
-            read from its components, so the card describes what ships.
+        pipeline: the saved pipeline: architecture, conditioning, class names (`id2label`), objective, schedule and
+            size are read from its components (its `denoiser`, the U-Net or the transformer), so the card describes
+            what ships.
         run: what the run measured.
 
     Local paths (a dataset folder, a base model or encoder on disk) appear by their folder name only.
     """
-    unet_config = pipeline.unet.config
-    if unet_config.num_class_embeds is not None:
+    denoiser = pipeline.denoiser
+    denoiser_config = denoiser.config
+    if denoiser_config.num_class_embeds is not None:
         conditioning = "class"
-        id2label = unet_config.id2label or {}
-        names = [id2label.get(index, str(index)) for index in range(unet_config.num_class_embeds)]
+        id2label = denoiser_config.id2label or {}
+        names = [id2label.get(index, str(index)) for index in range(denoiser_config.num_class_embeds)]
     else:
-        conditioning = "text" if unet_config.cross_attention_dim is not None else "none"
+        conditioning = "text" if denoiser_config.cross_attention_dim is not None else "none"
         names = None
-    prediction_type = unet_config.prediction_type
+    prediction_type = denoiser_config.prediction_type
+    if isinstance(denoiser, SculptDiT2DModel):
+        architecture = (
+            f"SculptDiT2DModel (DiT, patch {denoiser_config.patch_size}, {denoiser_config.num_layers} layers, width"
+            f" {denoiser_config.num_attention_heads * denoiser_config.attention_head_dim})"
+        )
+        shape = {
+            "patch_size": denoiser_config.patch_size,
+            "num_layers": denoiser_config.num_layers,
+            "num_attention_heads": denoiser_config.num_attention_heads,
+            "attention_head_dim": denoiser_config.attention_head_dim,
+        }
+    else:
+        channels = ", ".join(str(width) for width in denoiser_config.block_out_channels)
+        architecture = (
+            f"{type(denoiser).__name__} (U-Net, {len(denoiser_config.block_out_channels)} levels of {channels}"
+            " channels)"
+        )
+        shape = {"block_out_channels": list(denoiser_config.block_out_channels)}
 
     builtin = args.dataset_name is None and args.train_data_dir is None
     if builtin:
@@ -95,9 +116,9 @@ def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: Tr
         "prediction_type": prediction_type,
         "num_train_timesteps": pipeline.scheduler.config.num_train_timesteps,
         "beta_schedule": pipeline.scheduler.config.get("beta_schedule", "n/a (flow)"),
-        "conditioning_dropout_prob": unet_config.conditioning_dropout_prob,
-        "block_out_channels": list(unet_config.block_out_channels),
-        "parameters": f"{sum(parameter.numel() for parameter in pipeline.unet.parameters()):,}",
+        "conditioning_dropout_prob": denoiser_config.conditioning_dropout_prob,
+        **shape,
+        "parameters": f"{sum(parameter.numel() for parameter in denoiser.parameters()):,}",
         "learning_rate": args.learning_rate,
         "lr_scheduler": args.lr_scheduler,
         "lr_warmup_steps": args.lr_warmup_steps,
@@ -128,6 +149,7 @@ def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: Tr
     return render_model_card(
         args.model_card_template,
         hub_repo_id(args) if args.push_to_hub else str(Path(args.output_dir).resolve()),
+        architecture=architecture,
         conditioning=conditioning,
         dataset_name=dataset_name,
         dataset_description=description,
@@ -154,6 +176,7 @@ def render_model_card(
     template_path: str,
     model_id: str,
     *,
+    architecture: str,
     conditioning: str,
     dataset_name: str,
     dataset_description: str,
@@ -178,6 +201,7 @@ def render_model_card(
     Args:
         template_path: the Jinja template (the training script passes `model_cards/sculpt_model_card.md`).
         model_id: what the usage snippet loads: the Hub repo id when pushed, else the local output folder.
+        architecture: the denoiser, named with its shape, e.g. "SculptDiT2DModel (DiT, patch 2, 6 layers, width 96)".
         conditioning: "class", "text" or "none".
         dataset_name: a Hub dataset id, a local path, or "sklearn-digits" for the built-in digits.
         dataset_description: one sentence about the data.
@@ -208,6 +232,7 @@ def render_model_card(
         card_data,
         template_path=template_path,
         model_id=model_id,
+        architecture=architecture,
         conditioning=conditioning,
         dataset_name=_public_name(dataset_name),
         dataset_description=dataset_description,

@@ -1,5 +1,5 @@
 # Copyright 2026 The sculptdiff developers. Licensed under the Apache License, Version 2.0.
-"""The default training recipe, defined once: the U-Net shape, the objective, the noise schedule, the optimiser, EMA.
+"""The default training recipe, defined once: the U-Net and DiT shapes, the objective, the noise schedule, the optimiser, EMA.
 
 `training_scripts/train_sculpt.py` takes its defaults from here and the benchmarks train with it, so a change of
 the recipe changes both. See training_scripts/README.md ("Defaults and how they were chosen") for the measurements
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from diffusers import ModelMixin
 from diffusers.training_utils import EMAModel
 
+from ..models.transformers.dit_sculpt import SculptDiT2DModel
 from ..models.unet_sculpt import SculptUNet2DModel
 from ..schedulers.scheduling_sculpt import SculptScheduler
 from ..schedulers.scheduling_sculpt_flow import SculptFlowScheduler
@@ -83,6 +84,31 @@ def build_unet(config: dict | None = None, **overrides) -> SculptUNet2DModel:
     """
     config = {**(default_unet_config() if config is None else config), **overrides}
     return SculptUNet2DModel.from_config(config)
+
+
+def default_dit_config() -> dict:
+    """The shape of the default Diffusion Transformer: DiT-S's 6 heads narrowed to 16 channels each (width 96), 6
+    blocks over 2x2 patches (64 tokens at 16 px). 1.06M parameters for 1-channel 16 px digits, the size of the
+    default U-Net, so that the two backbones of the digits run compare at equal size; small enough for a CPU."""
+    return {
+        "patch_size": 2,
+        "num_layers": 6,
+        "num_attention_heads": 6,
+        "attention_head_dim": 16,
+        "mlp_ratio": 4.0,
+        "dropout": 0.0,
+    }
+
+
+def build_dit(config: dict | None = None, **overrides) -> SculptDiT2DModel:
+    """A new, randomly initialised SculptDiT2DModel (DiT's initialisation, adaLN-Zero).
+
+    Args:
+        config: the config to start from (e.g. a loaded `config.json`); defaults to `default_dit_config()`.
+        overrides: config entries set on top, as for `build_unet`.
+    """
+    config = {**(default_dit_config() if config is None else config), **overrides}
+    return SculptDiT2DModel.from_config(config)
 
 
 def build_noise_scheduler(
