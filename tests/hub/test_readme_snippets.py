@@ -37,6 +37,15 @@ assert sample.abs().max() < 1e-4, sample.abs().max()
 assert (len(digits), len(anything), len(images)) == (2, 4, 1)
 assert digits[0].size == (8, 8) and images[0].mode == "RGB"
 """,
+    "dit = SculptDiT2DModel(": """
+assert noise_pred.shape == (4, 1, 16, 16)
+assert dit_pipe.unet is None and len(images) == 2 and images[0].size == (16, 16)
+""",
+    "pipe.register_modules(guider=ClassifierFreeGuidance(": """
+import numpy as np
+assert type(pipe.guider).__name__ == "AdaptiveProjectedGuidance"
+assert len(interval) == len(projected) == 2 and not np.array_equal(np.asarray(interval[0]), np.asarray(projected[0]))
+""",
     'DiffusionPipeline.from_pretrained("sculpt-digits", trust_remote_code=True)': """
 # the second door ran the code saved beside the weights, not the installed package
 assert type(pipe).__name__ == "SculptPipeline" and not type(pipe).__module__.startswith("sculptdiff")
@@ -85,7 +94,9 @@ def user_folder(hub, tmp_path, build_tiny_pipeline, tiny_text_encoder, tiny_toke
     # diffusers 0.42.1 passes the deprecated `local_dir_use_symlinks` when it downloads from a repo id; not ours
     "ignore:The `local_dir_use_symlinks` argument is deprecated and ignored in `hf_hub_download`:UserWarning"
 )
-@pytest.mark.parametrize("key", list(CHECKS), ids=["unet", "scheduler-swap", "flow", "pipeline-modes", "doors"])
+@pytest.mark.parametrize(
+    "key", list(CHECKS), ids=["unet", "scheduler-swap", "flow", "pipeline-modes", "dit", "guiders", "doors"]
+)
 def test_readme_snippet_runs_as_printed(hub, user_folder, key):
     program = f"{snippet(key)}\n# checks added by the test\n{CHECKS_IMPORTS}{CHECKS[key]}"
     result = subprocess.run(
