@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, SchedulerMixin, UNet2DModel  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, SchedulerMixin, StableDiffusionPipeline, UNet2DModel  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast  # noqa: E402
 
@@ -220,3 +220,33 @@ def build_tiny_dit_fixture():
 @pytest.fixture(name="build_tiny_pipeline")
 def build_tiny_pipeline_fixture():
     return build_tiny_pipeline
+
+
+@pytest.fixture
+def build_stable_diffusion(tiny_tokenizer, tiny_text_encoder, tiny_vae):
+    """`build_stable_diffusion(unet)`: diffusers' own StableDiffusionPipeline, with Stable Diffusion's scheduler
+    settings and the tiny text encoder and VAE, around `unet` (4 latent channels, cross-attention width 32)."""
+
+    def build(unet: torch.nn.Module) -> StableDiffusionPipeline:
+        scheduler = DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
+        pipeline = StableDiffusionPipeline(
+            vae=tiny_vae,
+            text_encoder=tiny_text_encoder,
+            tokenizer=tiny_tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    return build

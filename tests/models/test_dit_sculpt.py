@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMPipeline, DDPMScheduler
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from diffusers.utils.torch_utils import randn_tensor
@@ -670,30 +670,10 @@ def test_runs_as_the_unet_of_ddpm_pipeline(scheduler_class):
     assert not np.allclose(fresh.images, images.images, atol=1e-3)
 
 
-def test_runs_as_the_unet_of_stable_diffusion_pipeline(tiny_tokenizer, tiny_text_encoder, tiny_vae):
+def test_runs_as_the_unet_of_stable_diffusion_pipeline(build_stable_diffusion):
     # StableDiffusionPipeline passes timestep_cond, cross_attention_kwargs and added_cond_kwargs, and reads
     # unet.config.time_cond_proj_dim, sample_size and in_channels
-    model = build_model(in_channels=4, out_channels=4, cross_attention_dim=32)
-    # Stable Diffusion's scheduler settings
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipeline = StableDiffusionPipeline(
-        vae=tiny_vae,
-        text_encoder=tiny_text_encoder,
-        tokenizer=tiny_tokenizer,
-        unet=model,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = build_stable_diffusion(build_model(in_channels=4, out_channels=4, cross_attention_dim=32))
 
     def generate(prompt: str, guidance_scale: float) -> np.ndarray:
         return pipeline(

@@ -2,7 +2,7 @@
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMPipeline, DDPMScheduler
 
 
 def test_ddpm_pipeline_with_sculpt_unet(build_tiny_unet):
@@ -28,34 +28,10 @@ def test_ddpm_pipeline_with_sculpt_unet(build_tiny_unet):
     np.testing.assert_allclose(images, expected, atol=1e-6)
 
 
-def build_stable_diffusion(unet, tokenizer, text_encoder, vae) -> StableDiffusionPipeline:
-    # Stable Diffusion's scheduler settings
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def test_stable_diffusion_pipeline_with_sculpt_unet(build_tiny_unet, tiny_tokenizer, tiny_text_encoder, tiny_vae):
+def test_stable_diffusion_pipeline_with_sculpt_unet(build_tiny_unet, build_stable_diffusion):
     # Stable Diffusion's U-Net: the VAE's 4 latent channels, text through cross-attention, no classes
     unet = build_tiny_unet(in_channels=4, out_channels=4, num_class_embeds=None, id2label=None, cross_attention_dim=32)
-    pipeline = build_stable_diffusion(unet, tiny_tokenizer, tiny_text_encoder, tiny_vae)
+    pipeline = build_stable_diffusion(unet)
     assert pipeline.vae_scale_factor == 2
 
     def generate(prompt: str, guidance_scale: float) -> np.ndarray:
