@@ -17,7 +17,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, DDIMScheduler, SchedulerMixin, StableDiffusionPipeline, UNet2DModel  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDIMScheduler,
+    DiTTransformer2DModel,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    UNet2DModel,
+)
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast  # noqa: E402
 
@@ -29,6 +36,16 @@ torch.set_num_threads(1)
 
 DIGIT_NAMES = {str(index): name for index, name in enumerate(["zero", "one", "two", "three", "four"])}
 WORDS = ["a", "photo", "of", "digit", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test starts and ends with one torch thread: a script's `main` run in-process gives torch every core of
+    the process (issue 18's default), and a later test comparing its numbers with a one-thread subprocess would see
+    another summation order (differences of 1e-7)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -106,20 +123,48 @@ def tiny_vae() -> AutoencoderKL:
     return build_tiny_vae()
 
 
-@pytest.fixture
-def tiny_stock_unet() -> UNet2DModel:
+def build_tiny_stock_unet(**overrides) -> UNet2DModel:
     """diffusers' own UNet2DModel, 2 levels of 8-16 channels with attention at the second, for 8x8 RGB images."""
     torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        norm_num_groups=8,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    ).eval()
+    config = {
+        "sample_size": 8,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": (8, 16),
+        "norm_num_groups": 8,
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    }
+    return UNet2DModel(**{**config, **overrides}).eval()
+
+
+def build_tiny_stock_dit(**overrides) -> DiTTransformer2DModel:
+    """diffusers' own DiTTransformer2DModel as DiT-XL-2 is built (4 latent channels in, 8 out: the learned
+    variance), 1 block of 2 heads of 8 over 2x2 patches, 10 classes."""
+    torch.manual_seed(0)
+    config = {
+        "num_attention_heads": 2,
+        "attention_head_dim": 8,
+        "in_channels": 4,
+        "out_channels": 8,
+        "num_layers": 1,
+        "sample_size": 8,
+        "patch_size": 2,
+        "num_embeds_ada_norm": 10,
+        "norm_num_groups": 4,
+    }
+    return DiTTransformer2DModel(**{**config, **overrides}).eval()
+
+
+@pytest.fixture
+def tiny_stock_unet() -> UNet2DModel:
+    return build_tiny_stock_unet()
+
+
+@pytest.fixture
+def tiny_stock_dit() -> DiTTransformer2DModel:
+    return build_tiny_stock_dit()
 
 
 # What the tiny denoisers share: 8x8 grey images, 5 named classes (index 5 is the null class), the noise objective.
@@ -215,6 +260,17 @@ def build_tiny_unet_fixture():
 @pytest.fixture(name="build_tiny_dit")
 def build_tiny_dit_fixture():
     return build_tiny_dit
+
+
+# session scope: they return functions, so module-scoped fixtures of a test file may use them too
+@pytest.fixture(name="build_tiny_stock_unet", scope="session")
+def build_tiny_stock_unet_fixture():
+    return build_tiny_stock_unet
+
+
+@pytest.fixture(name="build_tiny_stock_dit", scope="session")
+def build_tiny_stock_dit_fixture():
+    return build_tiny_stock_dit
 
 
 @pytest.fixture(name="build_tiny_pipeline")

@@ -472,6 +472,11 @@ class SculptUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixi
             )
         if timestep_cond is not None and self.config.time_cond_proj_dim is None:
             raise ValueError("`timestep_cond` was given but the model has no `time_cond_proj_dim`; pass None.")
+        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"`sample` must have shape (batch_size, {self.config.in_channels}, height, width) "
+                f"(`in_channels`={self.config.in_channels}), got {tuple(sample.shape)}."
+            )
         downsampling_factor = 2 ** (len(self.config.block_out_channels) - 1)
         if sample.shape[-2] % downsampling_factor or sample.shape[-1] % downsampling_factor:
             raise ValueError(
@@ -483,12 +488,23 @@ class SculptUNet2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixi
                 "`encoder_hidden_states` was given but the model has no cross-attention (`cross_attention_dim` is "
                 "None); pass None."
             )
-        if self.config.cross_attention_dim is not None and encoder_hidden_states is None:
-            raise ValueError(
-                "`encoder_hidden_states` is required: the model cross-attends to text embeddings of width "
-                f"{self.config.cross_attention_dim}."
-            )
         batch_size = sample.shape[0]
+        if self.config.cross_attention_dim is not None:
+            if encoder_hidden_states is None:
+                raise ValueError(
+                    "`encoder_hidden_states` is required: the model cross-attends to text embeddings of width "
+                    f"{self.config.cross_attention_dim}."
+                )
+            if (
+                encoder_hidden_states.ndim != 3
+                or encoder_hidden_states.shape[0] != batch_size
+                or encoder_hidden_states.shape[-1] != self.config.cross_attention_dim
+            ):
+                raise ValueError(
+                    f"`encoder_hidden_states` must have shape ({batch_size}, sequence_length, "
+                    f"{self.config.cross_attention_dim}) (batch size, any length, `cross_attention_dim`), got "
+                    f"{tuple(encoder_hidden_states.shape)}."
+                )
 
         # 1. time
         timesteps = torch.as_tensor(timestep, device=sample.device)
