@@ -11,7 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from diffusers import DDPMPipeline, DDPMScheduler
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, LCMScheduler
+
+from sculptdiff import SculptUNet2DModel
+from sculptdiff.training.lora import add_lora_adapter, save_lora_weights
 
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -51,10 +55,27 @@ assert len(interval) == len(projected) == 2 and not np.array_equal(np.asarray(in
 assert type(pipe).__name__ == "SculptPipeline" and not type(pipe).__module__.startswith("sculptdiff")
 assert type(pipe.unet).__name__ == "SculptUNet2DModel" and not type(pipe.unet).__module__.startswith("sculptdiff")
 """,
+    'pipe.load_lora_weights("sculpt-digits-lora"': """
+import numpy as np
+assert not np.array_equal(np.asarray(tuned[0]), np.asarray(half[0]))
+fused = SculptPipeline.from_pretrained("sculpt-digits-fused")(
+    class_labels=[3, 7], num_inference_steps=10, generator=torch.Generator().manual_seed(0)
+).images
+assert np.abs(np.asarray(fused[0], dtype=float) - np.asarray(tuned[0], dtype=float)).max() <= 1
+""",
+    'SculptPipeline.from_pretrained("sculpt-digits-lcm")': """
+from diffusers import LCMScheduler
+calls = []
+pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+pipe(class_labels=[3], num_inference_steps=4, guidance_scale=3.0)
+# one model call per step, un-doubled: the guidance scale is an input of the student
+assert type(pipe.scheduler) is LCMScheduler and calls == [1, 1, 1, 1], calls
+assert len(images) == 10 and Path("seven-lcm.png").is_file()
+""",
 }
 
 
-CHECKS_IMPORTS = "import torch\nfrom sculptdiff import SculptScheduler, SculptUNet2DModel\n"
+CHECKS_IMPORTS = "from pathlib import Path\n\nimport torch\nfrom sculptdiff import SculptPipeline, SculptScheduler, SculptUNet2DModel\n"
 
 
 def snippet(key: str) -> str:
@@ -86,6 +107,23 @@ def user_folder(hub, tmp_path, build_tiny_pipeline, tiny_text_encoder, tiny_toke
     )
     captions.save_pretrained(tmp_path / "sculpt-captions")
 
+    # a LoRA run on it: an adapter whose B matrices are drawn at random (a fresh adapter is the identity)
+    unet = SculptUNet2DModel.from_pretrained(tmp_path / "sculpt-digits", subfolder="unet")
+    add_lora_adapter(unet, rank=4)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    save_lora_weights(tmp_path / "sculpt-digits-lora", unet)
+    # a distilled student: a guidance-scale input, diffusers' LCMScheduler
+    student = build_tiny_pipeline(
+        num_class_embeds=10,
+        id2label={index: str(index) for index in range(10)},
+        time_cond_proj_dim=8,
+        scheduler=LCMScheduler(beta_schedule="squaredcos_cap_v2", original_inference_steps=48),
+    )
+    student.save_pretrained(tmp_path / "sculpt-digits-lcm")
+
     DDPMPipeline(unet=tiny_stock_unet, scheduler=DDPMScheduler()).push_to_hub("google/ddpm-cifar10-32")
     return tmp_path
 
@@ -95,7 +133,9 @@ def user_folder(hub, tmp_path, build_tiny_pipeline, tiny_text_encoder, tiny_toke
     "ignore:The `local_dir_use_symlinks` argument is deprecated and ignored in `hf_hub_download`:UserWarning"
 )
 @pytest.mark.parametrize(
-    "key", list(CHECKS), ids=["unet", "scheduler-swap", "flow", "pipeline-modes", "dit", "guiders", "doors"]
+    "key",
+    list(CHECKS),
+    ids=["unet", "scheduler-swap", "flow", "pipeline-modes", "dit", "guiders", "doors", "lora", "lcm-student"],
 )
 def test_readme_snippet_runs_as_printed(hub, user_folder, key):
     program = f"{snippet(key)}\n# checks added by the test\n{CHECKS_IMPORTS}{CHECKS[key]}"

@@ -26,8 +26,12 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.guiders import BaseGuidance
 from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.loaders.lora_base import LoraBaseMixin
+from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
 from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from diffusers.utils.peft_utils import require_peft_backend
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo, upload_folder
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -63,7 +67,161 @@ PACKAGE_NAME = "sculptdiff"
 DIFFUSION_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-class SculptPipeline(DiffusionPipeline):
+class SculptLoraLoaderMixin(LoraBaseMixin):
+    r"""
+    Loads LoRA adapters into the pipeline's denoiser as diffusers' LoRA loader mixins do: `load_lora_weights`,
+    `save_lora_weights`, `fuse_lora` / `unfuse_lora` here, and `set_adapters`, `unload_lora_weights`,
+    `delete_adapters`, `disable_lora`, `get_active_adapters`, ... from [`~loaders.lora_base.LoraBaseMixin`]. The
+    denoiser is the pipeline's `unet` or its `transformer`; a LoRA file prefixes its keys with that name (`unet.` or
+    `transformer.`), as the files of diffusers' Stable Diffusion and transformer pipelines do. The denoiser needs
+    diffusers' `PeftAdapterMixin` (both sculptdiff denoisers and `UNet2DConditionModel` have it).
+    """
+
+    # both names: LoraBaseMixin's methods (set_adapters, fuse_lora, unload_lora_weights, ...) skip the one that is None
+    _lora_loadable_modules = ["unet", "transformer"]
+
+    @classmethod
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict: str | dict[str, torch.Tensor], **kwargs):
+        r"""
+        Reads a LoRA state dict from a folder, a Hub repo (`weight_name=` picks the file), a file path or a dict, as
+        diffusers' single-denoiser pipelines read it (see [`~loaders.StableDiffusionLoraLoaderMixin.lora_state_dict`]).
+        """
+        return SanaLoraLoaderMixin.lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
+
+    @require_peft_backend
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: str | dict[str, torch.Tensor],
+        adapter_name: str | None = None,
+        hotswap: bool = False,
+        **kwargs,
+    ):
+        r"""
+        Loads a LoRA adapter into the denoiser (see [`~loaders.StableDiffusionLoraLoaderMixin.load_lora_weights`]):
+        a folder or Hub repo holding `pytorch_lora_weights.safetensors` (or the file `weight_name`), a file path,
+        or a state dict, as `save_lora_weights` writes it. `adapter_name` names it for `set_adapters`; at sampling
+        time `cross_attention_kwargs={"scale": s}` scales it.
+        """
+        denoiser_name = "unet" if self.unet is not None else "transformer"
+        denoiser = getattr(self, denoiser_name)
+        if not isinstance(denoiser, PeftAdapterMixin):
+            raise TypeError(
+                f"This pipeline's {denoiser_name} is a {type(denoiser).__name__}, which cannot hold LoRA adapters in "
+                "diffusers (it lacks `PeftAdapterMixin`): use a denoiser that has it (SculptUNet2DModel, "
+                "SculptDiT2DModel, UNet2DConditionModel), or fuse the adapter into the weights."
+            )
+        # a dict passed in is copied, not consumed, as diffusers' loaders do
+        if isinstance(pretrained_model_name_or_path_or_dict, dict):
+            pretrained_model_name_or_path_or_dict = pretrained_model_name_or_path_or_dict.copy()
+        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
+        kwargs["return_lora_metadata"] = True
+        state_dict, metadata = self.lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
+
+        # diffusers warns and loads nothing when no key has the denoiser's prefix, and warns about keys that match no
+        # layer: either way the adapter would silently not apply, so both are errors here
+        if not state_dict or not all("lora" in key for key in state_dict):
+            raise ValueError(
+                "Invalid LoRA checkpoint: every tensor name of a LoRA file contains `lora` (e.g. "
+                "`unet.down_blocks.1.attentions.0.self_attention.to_q.lora_A.weight`), and this one has "
+                f"{sorted(state_dict)[:3]}. Pass a file written by `save_lora_weights`."
+            )
+        prefixes = sorted({key.split(".")[0] for key in state_dict})
+        if prefixes != [denoiser_name]:
+            raise ValueError(
+                f"This LoRA checkpoint holds weights for {prefixes} (the first part of its tensor names), but this "
+                f"pipeline's denoiser is its `{denoiser_name}` ({type(denoiser).__name__}): load an adapter trained "
+                f"for a {denoiser_name}. (A file written by `{denoiser_name}.save_lora_adapter` has no prefix: load "
+                f"it with `pipe.{denoiser_name}.load_lora_adapter(path, prefix=None)`.)"
+            )
+        layer_names = {name for name, _ in denoiser.named_modules()}
+        unknown_layers = sorted(
+            {key.removeprefix(f"{denoiser_name}.").split(".lora")[0] for key in state_dict} - layer_names
+        )
+        if unknown_layers:
+            raise ValueError(
+                f"This LoRA checkpoint adapts {len(unknown_layers)} layer(s) that this {type(denoiser).__name__} does "
+                f"not have, e.g. {unknown_layers[:3]}: it was trained for another architecture or configuration."
+            )
+        denoiser.load_lora_adapter(
+            state_dict,
+            prefix=denoiser_name,
+            network_alphas=None,
+            adapter_name=adapter_name,
+            metadata=metadata,
+            _pipeline=self,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            hotswap=hotswap,
+        )
+
+    @classmethod
+    def save_lora_weights(
+        cls,
+        save_directory: str | os.PathLike,
+        unet_lora_layers: dict[str, torch.nn.Module | torch.Tensor] | None = None,
+        transformer_lora_layers: dict[str, torch.nn.Module | torch.Tensor] | None = None,
+        is_main_process: bool = True,
+        weight_name: str | None = None,
+        save_function: Callable | None = None,
+        safe_serialization: bool = True,
+        unet_lora_adapter_metadata: dict | None = None,
+        transformer_lora_adapter_metadata: dict | None = None,
+    ):
+        r"""
+        Saves the LoRA layers of the denoiser (`unet_lora_layers` or `transformer_lora_layers`: a state dict in
+        diffusers' format, `convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))`) to
+        `save_directory/pytorch_lora_weights.safetensors` (see
+        [`~loaders.StableDiffusionLoraLoaderMixin.save_lora_weights`]); `*_lora_adapter_metadata`
+        (`LoraConfig.to_dict()`) lets `load_lora_weights` rebuild the exact config (rank, alpha, targets).
+        """
+        lora_layers = {}
+        lora_metadata = {}
+        if unet_lora_layers:
+            lora_layers["unet"] = unet_lora_layers
+            lora_metadata["unet"] = unet_lora_adapter_metadata
+        if transformer_lora_layers:
+            lora_layers["transformer"] = transformer_lora_layers
+            lora_metadata["transformer"] = transformer_lora_adapter_metadata
+        if len(lora_layers) != 1:
+            raise ValueError(
+                "Pass the LoRA layers of the one denoiser: `unet_lora_layers` or `transformer_lora_layers`, got "
+                f"{sorted(lora_layers) or 'neither'}."
+            )
+        cls._save_lora_weights(
+            save_directory=save_directory,
+            lora_layers=lora_layers,
+            lora_metadata=lora_metadata,
+            is_main_process=is_main_process,
+            weight_name=weight_name,
+            save_function=save_function,
+            safe_serialization=safe_serialization,
+        )
+
+    def fuse_lora(
+        self,
+        components: list[str] | None = None,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: list[str] | None = None,
+        **kwargs,
+    ):
+        r"""
+        Merges the active adapters, times `lora_scale`, into the denoiser's weights (see
+        [`~loaders.lora_base.LoraBaseMixin.fuse_lora`]); `unfuse_lora` takes them out again.
+        """
+        super().fuse_lora(
+            components=components or self._lora_loadable_modules,
+            lora_scale=lora_scale,
+            safe_fusing=safe_fusing,
+            adapter_names=adapter_names,
+            **kwargs,
+        )
+
+    def unfuse_lora(self, components: list[str] | None = None, **kwargs):
+        r"""Reverses `fuse_lora` (see [`~loaders.lora_base.LoraBaseMixin.unfuse_lora`])."""
+        super().unfuse_lora(components=components or self._lora_loadable_modules, **kwargs)
+
+
+class SculptPipeline(DiffusionPipeline, SculptLoraLoaderMixin):
     r"""
     Image generation with classifier-free guidance (Ho & Salimans, arXiv 2207.12598): unconditional, class-conditional
     or text-conditional, in pixel space or in the latent space of a VAE.
@@ -160,6 +318,9 @@ class SculptPipeline(DiffusionPipeline):
         # gets it prepared for every step, as diffusers' guider pipelines check `guider._enabled`
         if self.guider is not None:
             return self.guider._enabled and self._is_conditional
+        # a guidance-distilled denoiser (LCM, `time_cond_proj_dim`) takes w as an input: one conditional pass per step
+        if self.denoiser.config.get("time_cond_proj_dim") is not None:
+            return False
         # w = 1 is plain conditional sampling: eps_uncond + 1 * (eps_cond - eps_uncond) = eps_cond; any other w needs
         # both branches (w = 0 is unconditional, 0 < w < 1 interpolates, w > 1 extrapolates)
         return self._guidance_scale != 1 and self._is_conditional
@@ -311,28 +472,65 @@ class SculptPipeline(DiffusionPipeline):
         # of diffusers do not define it because theirs is always 1
         return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
+    # Copied from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img.LatentConsistencyModelPipeline.get_guidance_scale_embedding
+    def get_guidance_scale_embedding(
+        self, w: torch.Tensor, embedding_dim: int = 512, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """
+        See https://github.com/google-research/vdm/blob/dc27b98a554f65cdc654b800da5aa1846545d41b/model_vdm.py#L298
+
+        Args:
+            w (`torch.Tensor`):
+                Generate embedding vectors with a specified guidance scale to subsequently enrich timestep embeddings.
+            embedding_dim (`int`, *optional*, defaults to 512):
+                Dimension of the embeddings to generate.
+            dtype (`torch.dtype`, *optional*, defaults to `torch.float32`):
+                Data type of the generated embeddings.
+
+        Returns:
+            `torch.Tensor`: Embedding vectors with shape `(len(w), embedding_dim)`.
+        """
+        assert len(w.shape) == 1
+        w = w * 1000.0
+
+        half_dim = embedding_dim // 2
+        emb = torch.log(torch.tensor(10000.0)) / (half_dim - 1)
+        emb = torch.exp(torch.arange(half_dim, dtype=dtype) * -emb)
+        emb = w.to(dtype)[:, None] * emb[None, :]
+        emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+        if embedding_dim % 2 == 1:  # zero pad
+            emb = torch.nn.functional.pad(emb, (0, 1))
+        assert emb.shape == (w.shape[0], embedding_dim)
+        return emb
+
     def _predict(
         self,
         latent_model_input: torch.Tensor,
         t: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""
         One pass of the denoiser on a batch of (scaled) latents at timestep `t`: its prediction (noise, v, x0 or
-        velocity, as it was trained), without learned variance channels.
+        velocity, as it was trained), without learned variance channels. `timestep_cond` is the guidance-scale
+        embedding of a guidance-distilled denoiser (`time_cond_proj_dim`).
         """
         # one timestep per sample, as diffusers' transformer pipelines pass it (its DiT embeds only a 1-d tensor);
-        # text only to a denoiser that reads it (diffusers' DiT takes no `encoder_hidden_states`)
+        # text only to a denoiser that reads it (diffusers' DiT takes no `encoder_hidden_states`), and likewise the
+        # guidance embedding and the attention kwargs (diffusers' UNet2DModel takes no `cross_attention_kwargs`)
         timestep = t.expand(latent_model_input.shape[0])
-        text_input = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
+        optional_inputs = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
+        if timestep_cond is not None:
+            optional_inputs["timestep_cond"] = timestep_cond
+        if self.cross_attention_kwargs is not None:
+            optional_inputs["cross_attention_kwargs"] = self.cross_attention_kwargs
         model_output = self.denoiser(
             latent_model_input,
             timestep,
             class_labels=class_labels,
-            cross_attention_kwargs=self.cross_attention_kwargs,
             return_dict=False,
-            **text_input,
+            **optional_inputs,
         )[0]
         # learned variance channels (out_channels = 2 * in_channels) are dropped, as DiTPipeline drops them: the
         # scheduler samples with its own variance
@@ -392,6 +590,21 @@ class SculptPipeline(DiffusionPipeline):
             )
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f'`output_type` must be "pil", "np", "pt" or "latent", got {output_type!r}.')
+
+        # a guidance-distilled denoiser (LCM) takes the guidance scale as an input, in one conditional pass
+        if config.get("time_cond_proj_dim") is not None:
+            if self.guider is not None:
+                raise ValueError(
+                    f"This {type(self.denoiser).__name__} was distilled with the guidance scale as an input "
+                    f"(`time_cond_proj_dim={config.time_cond_proj_dim}`): it guides itself in one pass, so it takes "
+                    f"no `guider` ({type(self.guider).__name__}). Remove it (`pipe.guider = None`) and pass "
+                    "`guidance_scale`."
+                )
+            if guidance_rescale:
+                raise ValueError(
+                    f"`guidance_rescale={guidance_rescale}` rescales a two-branch guided prediction, but this "
+                    "guidance-distilled denoiser (`time_cond_proj_dim`) makes one conditional pass: drop it."
+                )
 
         if self.guider is not None:
             if not isinstance(self.guider, BaseGuidance):
@@ -564,6 +777,9 @@ class SculptPipeline(DiffusionPipeline):
                 denoiser pass per step); w > 1 follows the condition more strongly, w = 0 samples unconditionally (the
                 null condition) and 0 < w < 1 interpolates (two branches in one batched pass). A pipeline with a
                 `guider` refuses it: the guider owns its scale (`pipe.guider = pipe.guider.new(guidance_scale=3.0)`).
+                A guidance-distilled denoiser (an LCM student of `distill_sculpt.py`, whose config has
+                `time_cond_proj_dim`) reads w as an input (embedded as w - 1, as `LatentConsistencyModelPipeline`
+                does): one conditional pass per step at any w.
             guidance_rescale (`float`, *optional*, defaults to 0.0 without a `guider`):
                 phi of arXiv 2305.08891, Sec. 3.4: rescales the guided output towards the conditional one's standard
                 deviation to counter over-exposure. Refused with a `guider`, which has its own `guidance_rescale`.
@@ -730,7 +946,16 @@ class SculptPipeline(DiffusionPipeline):
                     # diffusers' flow-matching schedulers define no `scale_model_input`: their inputs need no scaling
                     if hasattr(self.scheduler, "scale_model_input"):
                         latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
-                    model_output = self._predict(latent_model_input, t, encoder_hidden_states, class_input)
+                    timestep_cond = None
+                    if self.denoiser.config.get("time_cond_proj_dim") is not None:
+                        # LCM's w embedding, of w - 1 as LatentConsistencyModelPipeline embeds its guidance scale
+                        w = torch.full((latent_model_input.shape[0],), self.guidance_scale - 1)
+                        timestep_cond = self.get_guidance_scale_embedding(
+                            w, embedding_dim=self.denoiser.config.time_cond_proj_dim
+                        ).to(device=device, dtype=latent_model_input.dtype)
+                    model_output = self._predict(
+                        latent_model_input, t, encoder_hidden_states, class_input, timestep_cond
+                    )
 
                     # classifier-free guidance on whatever the model predicts (eps, v, x0 or velocity): the scheduler
                     # receives one guided output and converts it as it would an unguided one
@@ -848,6 +1073,15 @@ class SculptPipeline(DiffusionPipeline):
         `commit_message`, `private`, `token`, `create_pr`); a model card already in `save_directory` is uploaded as
         it is, otherwise a minimal one tagged `sculptdiff` is created.
         """
+        # diffusers would write a loaded LoRA adapter's PEFT layers (`to_q.base_layer.weight`, `to_q.lora_A...`) into
+        # the denoiser's weights, a checkpoint whose layers then load as random: refuse instead, and say what works
+        if getattr(self.denoiser, "peft_config", None):
+            raise ValueError(
+                f"The {type(self.denoiser).__name__} holds LoRA adapter(s) {sorted(self.denoiser.peft_config)}, and "
+                "its weights would be saved with their adapter layers, which no loader reads. Save the adapter with "
+                "`save_lora_weights`, or bake it in first: `pipe.fuse_lora()`, then `pipe.unload_lora_weights()`, "
+                "then `save_pretrained`; `pipe.unload_lora_weights()` alone saves the base model."
+            )
         os.makedirs(save_directory, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-save-") as staging:
             super().save_pretrained(staging, safe_serialization=safe_serialization, variant=variant)
