@@ -40,19 +40,20 @@ TINY_RUN = [
     "--checkpointing_steps", "1", "--validation_steps", "100", "--num_validation_images", "1",
     "--validation_inference_steps", "2", "--report_to", "tensorboard", "--logging_dir", "my-logs",
 ]  # fmt: skip
-PUBLISHED = {
-    ".gitattributes",
-    "README.md",
-    "model_index.json",
-    "pipeline_sculpt.py",
-    "sample_grid.png",
-    "training_args.json",
-    "scheduler/scheduler_config.json",
-    "scheduler/sculptdiff.schedulers.scheduling_sculpt.py",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "unet/sculptdiff.models.unet_sculpt.py",
-}
+
+
+def published_files(denoiser: str, code_file: str) -> set[str]:
+    """The files a push publishes of a trained pipeline whose denoiser folder `denoiser` holds the custom code file
+    `code_file`."""
+    pipeline_files = {".gitattributes", "README.md", "model_index.json", "pipeline_sculpt.py", "training_args.json"}
+    scheduler_files = {"scheduler/scheduler_config.json", "scheduler/sculptdiff.schedulers.scheduling_sculpt.py"}
+    denoiser_files = {
+        f"{denoiser}/{name}" for name in ("config.json", "diffusion_pytorch_model.safetensors", code_file)
+    }
+    return pipeline_files | scheduler_files | denoiser_files | {SAMPLE_GRID_NAME}
+
+
+PUBLISHED = published_files("unet", "sculptdiff.models.unet_sculpt.py")
 
 
 # What an output folder may also hold and must never publish: secrets, other dotfiles (also inside a published
@@ -141,8 +142,10 @@ def test_push_uploads_exactly_the_allowlist_and_so_does_the_printed_command(hub,
     published.pop(".gitattributes")
     assert published == digests(output_dir, published_only=True)
 
-    # The retry command a failed push prints, run verbatim, uploads the same files and nothing else.
+    # The retry command a failed push prints, run verbatim, uploads the same files and nothing else; the push before
+    # it left the hidden-file patterns as they were (huggingface_hub extends the ignore list it is given)
     command = shlex.split(upload_command("ns/allow-cli", str(output_dir), allow_patterns))
+    assert command[-4:] == ["--exclude", ".*", "--exclude", "*/.*"]
     uploaded = subprocess.run(command, env=hub.env, capture_output=True, text=True, timeout=120)
     assert uploaded.returncode == 0, uploaded.stderr
     assert set(api.list_repo_files("ns/allow-cli")) == PUBLISHED

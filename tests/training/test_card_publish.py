@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from accelerate import Accelerator
 from huggingface_hub import ModelCard
 
 from sculptdiff import SculptFlowScheduler, SculptPipeline, SculptScheduler, SculptUNet2DModel
 from sculptdiff.training.card import SAMPLE_GRID_NAME, TrainingRun, build_model_card, render_model_card
+from sculptdiff.training.checkpointing import ResumePoint
 from sculptdiff.training.publish import (
     HIDDEN_PATTERNS,
     PushToHubError,
@@ -263,7 +265,7 @@ def test_upload_command_uploads_the_allowlist_without_hidden_files():
         "hf", "upload", "me/sculpt digits", "/out dir", "--include", "model_index.json", "--include", "unet/*",
         "--exclude", ".*", "--exclude", "*/.*", "--private",
     ]  # fmt: skip
-    assert HIDDEN_PATTERNS == [".*", "*/.*"]
+    assert HIDDEN_PATTERNS == (".*", "*/.*")
 
 
 def test_push_refuses_a_missing_allowlist(tmp_path):
@@ -308,23 +310,14 @@ def test_portable_training_args_publish_no_local_folders(tmp_path, monkeypatch):
         "seed": None,
         "hub_token": "hf_secret",
     }
-    portable = portable_training_args(args, launch_dir=str(launch_dir))
-    assert portable == {
-        # under the launch folder: as the user would type it there
-        "output_dir": os.path.join("runs", "digits"),
-        "model_card_template": os.path.join("model_cards", "card.md"),
-        # elsewhere on the machine: withheld
-        "train_data_dir": None,
-        "cache_dir": None,
-        # relative paths, Hub ids, keywords, lists, numbers: as given; the token: gone
-        "logging_dir": "logs",
-        "dataset_name": "someone/digits",
-        "resume_from_checkpoint": "latest",
-        "pretrained_model_name_or_path": "../base",
-        "validation_prompts": ["/not a path, a prompt"],
-        "learning_rate": 0.001,
-        "seed": None,
-    }
+    # relative paths, Hub ids, keywords, lists, numbers: as given; the token: gone
+    expected = {name: value for name, value in args.items() if name != "hub_token"}
+    # under the launch folder: as the user would type it there
+    expected["output_dir"] = os.path.join("runs", "digits")
+    expected["model_card_template"] = os.path.join("model_cards", "card.md")
+    # elsewhere on the machine: withheld
+    expected["train_data_dir"] = expected["cache_dir"] = None
+    assert portable_training_args(args, launch_dir=str(launch_dir)) == expected
     # by default relative to the working directory the run was launched from
     assert portable_training_args({"output_dir": os.path.join(os.getcwd(), "out")}) == {"output_dir": "out"}
     # launched from "/" or "/home", a relative path would still spell the home directory: withheld
@@ -333,3 +326,40 @@ def test_portable_training_args_publish_no_local_folders(tmp_path, monkeypatch):
     assert portable_training_args(alice, launch_dir="/") == {"train_data_dir": None}
     assert portable_training_args(alice, launch_dir=str(tmp_path / "home")) == {"train_data_dir": None}
     assert portable_training_args(alice, launch_dir=str(tmp_path / "home" / "alice")) == {"train_data_dir": "pets"}
+
+
+def test_a_finished_run_reads_the_batch_size_the_accelerator_and_the_resume():
+    accelerator = Accelerator(cpu=True)
+    args = argparse.Namespace(train_batch_size=3, gradient_accumulation_steps=2)
+    resume = ResumePoint("out/checkpoint-5", 5, {"learning_rate": (1e-3, 5e-4)})
+    run = TrainingRun.finished(accelerator, args, 100, 8, 2.5, resume, sample_guidance_scale=3.0)
+    measured = (run.num_train_samples, run.training_steps, run.train_seconds, run.sample_guidance_scale)
+    assert measured == (100, 8, 2.5, 3.0)
+    assert (run.total_batch_size, run.num_processes, run.device_type, run.mixed_precision) == (6, 1, "cpu", "no")
+    assert (run.resumed_from_step, run.resumed_settings) == (5, {"learning_rate": (1e-3, 5e-4)})
+    fresh = TrainingRun.finished(accelerator, args, 100, 8, 2.5)
+    assert (fresh.resumed_from_step, fresh.resumed_settings) == (0, {})
+
+
+@pytest.mark.parametrize("stock", [False, True])
+def test_lora_card_snippet_loads_the_adapter_or_the_merged_pipeline(stock, tiny_stock_unet):
+    # a stock UNet2DModel takes no adapter through diffusers' loaders: its LoRA run saves the merged pipeline too
+    pipeline = SculptPipeline(unet=tiny_stock_unet, scheduler=SculptScheduler()) if stock else tiny_pipeline()
+    template = Path(__file__).resolve().parents[2] / "model_cards" / "sculpt_lora_model_card.md"
+    args = run_args(
+        lora_rank=4, lora_alpha=None, pretrained_model_name_or_path="me/base-digits", model_card_template=str(template)
+    )
+    # the trainer tells the card the dropout of a stock denoiser, whose config has none
+    run = TrainingRun(
+        **{
+            **vars(RUN),
+            "lora_target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+            "conditioning_dropout_prob": 0.0 if stock else None,
+        }
+    )
+    usage = build_model_card(args, pipeline, run).text.split("## Usage")[1]
+    if stock:
+        assert 'SculptPipeline.from_pretrained("me/digits")' in usage and "load_lora_weights" not in usage
+    else:
+        assert 'SculptPipeline.from_pretrained("me/base-digits")' in usage
+        assert 'pipe.load_lora_weights("me/digits")' in usage

@@ -4,12 +4,14 @@ The end-to-end behaviour (resume after kill -9, `latest` with another run's chec
 `accelerate launch`) is tested in test_train_sculpt.py.
 """
 
+import argparse
 import json
 import os
 
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file
 
@@ -23,7 +25,9 @@ from sculptdiff.training.checkpointing import (
     register_checkpoint_hooks,
     save_checkpoint,
     save_ema,
+    training_batches,
 )
+from sculptdiff.training.data import collate_fn
 from sculptdiff.training.recipe import build_ema, build_unet
 
 
@@ -175,3 +179,62 @@ def test_apply_optimizer_settings_continues_the_schedule_with_the_new_peak(run):
     # the cosine schedule of 10 steps after 1 warm-up step, at step 3, peak 5e-4
     expected = 5e-4 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 2 / 9))).item()
     assert lr_scheduler.get_last_lr()[0] == pytest.approx(expected)
+
+
+def loop_args(**overrides) -> argparse.Namespace:
+    return argparse.Namespace(
+        **{"max_train_steps": 4, "gradient_accumulation_steps": 2, "random_flip": False, **overrides}
+    )
+
+
+def prepared_loader(accumulation: int = 2):
+    """A run's prepared loader of 10 one-pixel images numbered 0..9 (5 batches an epoch) and its accelerator."""
+    accelerator = Accelerator(
+        cpu=True,
+        gradient_accumulation_steps=accumulation,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    images = [{"pixel_values": torch.tensor([[[float(i), -float(i)]]])} for i in range(10)]
+    loader = torch.utils.data.DataLoader(images, batch_size=2, shuffle=True, collate_fn=collate_fn)
+    return accelerator, accelerator.prepare(loader)
+
+
+def test_training_batches_stop_where_accelerate_counts_the_last_step():
+    # 5 batches an epoch in steps of 2 batches: accelerate syncs after batches 2, 4 and 5 (the end of the loader)
+    accelerator, loader = prepared_loader()
+    model = accelerator.prepare(torch.nn.Linear(1, 1))
+    batches = syncs = 0
+    for _ in training_batches(accelerator, loader, 0, loop_args(max_train_steps=4)):
+        with accelerator.accumulate(model):
+            batches += 1
+        syncs += accelerator.sync_gradients
+    assert (batches, syncs) == (7, 4)
+
+
+def test_training_batches_of_a_resumed_run_are_the_rest_of_the_uninterrupted_run():
+    set_seed(0)
+    accelerator, loader = prepared_loader()
+    args = loop_args(max_train_steps=5)
+    uninterrupted = [batch["pixel_values"] for batch in training_batches(accelerator, loader, 0, args)]
+    set_seed(0)
+    accelerator, loader = prepared_loader()
+    resumed = [batch["pixel_values"] for batch in training_batches(accelerator, loader, 2, args)]
+    # step 2 ended after the 4th batch of the first epoch
+    assert len(uninterrupted) == 9 and len(resumed) == 5
+    for expected, batch in zip(uninterrupted[4:], resumed):
+        assert torch.equal(expected, batch)
+
+
+def test_random_flip_mirrors_images_from_the_global_rng():
+    accelerator, loader = prepared_loader(accumulation=1)
+    args = loop_args(max_train_steps=5, random_flip=True, gradient_accumulation_steps=1)
+    torch.manual_seed(0)
+    flipped = torch.cat([batch["pixel_values"] for batch in training_batches(accelerator, loader, 0, args)])
+    torch.manual_seed(0)
+    replayed = torch.cat([batch["pixel_values"] for batch in training_batches(accelerator, loader, 0, args)])
+    # the seedable sampler's order is the same; the flips are replayed with the global RNG's state
+    assert torch.equal(flipped, replayed)
+    mirrored = flipped[:, 0, 0, 0] < 0
+    assert 0 < mirrored.sum() < len(flipped)
+    # an image is itself or its mirror, never anything else
+    assert torch.equal(flipped[:, 0, 0, 0], -flipped[:, 0, 0, 1])

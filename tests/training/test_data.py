@@ -1,8 +1,11 @@
 """The training data helpers: the built-in digits, dataset loading, column checks and image transforms."""
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from datasets import ClassLabel, Dataset, Features
 from datasets import Image as ImageFeature
 from PIL import Image
@@ -10,11 +13,13 @@ from PIL import Image
 from sculptdiff.training.data import (
     ExampleTransform,
     ImageTransform,
+    batch_latents,
     check_columns,
     class_names,
     class_value_names,
     collate_fn,
     image_mode_for_channels,
+    load_run_dataset,
     load_training_dataset,
 )
 
@@ -199,3 +204,30 @@ def test_local_datasets_load_from_save_to_disk_and_image_folders(tmp_path):
 
     with pytest.raises(ValueError, match="--train_data_dir .* is not a folder"):
         load_training_dataset(train_data_dir=str(tmp_path / "nowhere"))
+
+
+def test_load_run_dataset_cuts_to_max_train_samples():
+    args = argparse.Namespace(
+        dataset_name=None, dataset_config_name=None, train_data_dir=None, cache_dir=None, max_train_samples=7
+    )
+    accelerator = Accelerator(cpu=True)
+    assert len(load_run_dataset(accelerator, args)) == 7
+    args.max_train_samples = None
+    assert len(load_run_dataset(accelerator, args)) == 1797
+
+
+def test_batch_latents_are_float_pixels_or_the_vaes_scaled_latents(tiny_vae):
+    pixel_values = torch.rand(2, 3, 16, 16, dtype=torch.float64) * 2 - 1
+    pixels = batch_latents(pixel_values)
+    assert pixels.dtype == torch.float32 and torch.equal(pixels, pixel_values.float())
+
+    tiny_vae.config.scaling_factor = 0.5
+    pixel_values = pixel_values.float().requires_grad_()
+    torch.manual_seed(0)
+    latents = batch_latents(pixel_values, tiny_vae)
+    torch.manual_seed(0)
+    expected = tiny_vae.encode(pixel_values).latent_dist.sample() * 0.5
+    assert latents.shape == (2, tiny_vae.config.latent_channels, 8, 8)
+    # a sample of the posterior (not its mean), scaled; no gradient reaches the frozen VAE
+    torch.testing.assert_close(latents, expected.detach())
+    assert not latents.requires_grad

@@ -1,25 +1,16 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 
 from sculptdiff.training.objective import diffusion_loss
-from sculptdiff.training.recipe import build_noise_scheduler, build_unet
+from sculptdiff.training.recipe import build_noise_scheduler
 
 
 @pytest.fixture
-def unet():
-    torch.manual_seed(0)
-    return build_unet(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        num_class_embeds=3,
-        block_out_channels=(8, 16),
-        attention_levels=(False, True),
-        attention_head_dim=8,
-        norm_num_groups=4,
-    )
+def unet(build_tiny_unet):
+    # the suite's tiny U-Net with its zero-initialised layers drawn at random, so that predictions are not all zero
+    return build_tiny_unet()
 
 
 def latents():
@@ -83,3 +74,25 @@ def test_bad_objective_is_refused(unet):
         diffusion_loss(unet, build_noise_scheduler(), latents(), "noise")
     with pytest.raises(ValueError, match="snr_gamma weights DDPM-family losses"):
         diffusion_loss(unet, build_noise_scheduler("flow"), latents(), "flow", snr_gamma=5.0)
+
+
+def test_learned_variance_channels_are_left_out_of_the_loss():
+    # diffusers' DiT layout: 4 latent channels in, the prediction and a learned variance (8 channels) out
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=10, norm_num_groups=4,
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        # its adaLN-Zero output layer starts at zero: drawn at random so that the prediction is not all zero
+        dit.proj_out_2.weight.normal_(0, 0.2)
+    scheduler = build_noise_scheduler(num_train_timesteps=100)
+    x0, labels = torch.rand(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 3])
+    loss = diffusion_loss(dit, scheduler, x0, "epsilon", class_labels=labels, generator=torch.manual_seed(3))
+
+    generator = torch.manual_seed(3)
+    noise = torch.randn(x0.shape, generator=generator)
+    timesteps = torch.randint(0, 100, (2,), generator=generator)
+    prediction = dit(scheduler.add_noise(x0, noise, timesteps), timesteps, class_labels=labels).sample
+    assert prediction.shape[1] == 8
+    torch.testing.assert_close(loss, F.mse_loss(prediction[:, :4], noise), rtol=1e-5, atol=1e-6)

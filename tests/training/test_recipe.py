@@ -96,3 +96,28 @@ def test_ema_warms_up_and_saves_a_folder_of_the_models_class(tmp_path):
     weights = load_file(tmp_path / "ema" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(weights[name], value) for name, value in unet.state_dict().items())
     assert saved.config.num_class_embeds == 10
+
+
+def test_ema_of_some_parameters_averages_only_those():
+    """A LoRA run's EMA: only the adapter's parameters are averaged, the frozen rest is not copied."""
+    torch.manual_seed(0)
+    tiny = {**default_unet_config(), "block_out_channels": (8, 16), "attention_levels": (False, True)}
+    unet = build_unet(tiny, attention_head_dim=8, norm_num_groups=4, **DIGITS)
+    trained = [unet.conv_out.weight, unet.conv_out.bias]
+    ema = build_ema(unet, parameters=trained)
+    assert len(ema.shadow_params) == 2 and ema.model_cls is None
+    frozen = unet.conv_in.weight.detach().clone()
+    # the warm-up: the first step copies (decay 0), the second averages with decay 1 - 2^-3/4
+    with torch.no_grad():
+        for parameter in trained:
+            parameter.add_(1.0)
+    ema.step(trained)
+    first = [parameter.detach().clone() for parameter in trained]
+    with torch.no_grad():
+        for parameter in trained:
+            parameter.add_(1.0)
+    ema.step(trained)
+    decay = 1 - 2 ** (-3 / 4)
+    for shadow, old, new in zip(ema.shadow_params, first, trained):
+        torch.testing.assert_close(shadow, decay * old + (1 - decay) * new)
+    assert torch.equal(unet.conv_in.weight, frozen)

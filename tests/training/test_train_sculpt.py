@@ -101,8 +101,9 @@ def files(folder: Path) -> set[str]:
     return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_sculpt", SCRIPT)
+def load_script(script: Path = SCRIPT):
+    """The training script at `script` as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(script.stem, script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -148,11 +149,10 @@ def test_default_run_writes_every_output(trained):
     assert any(not torch.equal(last[name], ema[name]) for name in last)
 
 
-def test_model_card_usage_snippet_runs_as_printed(trained, tmp_path):
-    card = (trained / "README.md").read_text()
-    assert card.startswith("---\n") and "library_name: diffusers" in card and "- sculptdiff" in card
-    snippet = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
-    assert f'from_pretrained("{trained}")' in snippet
+def run_card_snippet(output_dir: Path, tmp_path: Path) -> str:
+    """Runs the Python snippet of `output_dir`'s model card in `tmp_path`, checks the 8x8 `sample.png` it writes, and
+    returns the snippet."""
+    snippet = re.search(r"```python\n(.*?)```", (output_dir / "README.md").read_text(), re.DOTALL).group(1)
     result = subprocess.run(
         [sys.executable, "-c", snippet],
         cwd=tmp_path,
@@ -163,6 +163,13 @@ def test_model_card_usage_snippet_runs_as_printed(trained, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert Image.open(tmp_path / "sample.png").size == (8, 8)
+    return snippet
+
+
+def test_model_card_usage_snippet_runs_as_printed(trained, tmp_path):
+    card = (trained / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: diffusers" in card and "- sculptdiff" in card
+    assert f'from_pretrained("{trained}")' in run_card_snippet(trained, tmp_path)
 
 
 def test_resume_after_kill_is_exact(tmp_path):
@@ -222,6 +229,8 @@ def test_two_processes_double_the_batch_and_write_once(tmp_path):
     result = train(output_dir, "--max_train_steps", "2", "--checkpointing_steps", "1", num_processes=2)
     assert "Distributed environment: DistributedType.MULTI_CPU" in result.stderr
     assert "Total train batch size (w. parallel, distributed & accumulation) = 8" in result.stderr
+    # issue 18 part 4: several processes keep accelerate's split of the cores
+    assert "torch uses 1 CPU thread(s) per process (OMP_NUM_THREADS=1, 2 process(es))" in result.stderr
     assert OUTPUT_FILES <= files(output_dir)
     # one process logs: a single TensorBoard event file for the scalars
     assert len([name for name in files(output_dir) if name.startswith("logs/") and "tfevents" in name]) <= 2
@@ -430,6 +439,22 @@ def test_training_in_a_vae_latent_space(tmp_path, tiny_vae):
     assert pipe.vae is not None and pipe.vae_scale_factor == 2
     images = sample(pipe)
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+
+
+def test_resolution_defaults_to_the_vaes_or_16(script, tmp_path, tiny_vae):
+    # train_vae.py saves the resolution it trained at as sample_size; 20 px cannot pass through the tiny VAE (2x) and
+    # the default 3-level U-Net (4x), so the error shows the resolution the run took
+    tiny_vae.register_to_config(sample_size=20)
+    tiny_vae.save_pretrained(tmp_path / "vae")
+    args = script.parse_args(["--output_dir", str(tmp_path / "latent"), "--vae_name_or_path", str(tmp_path / "vae")])
+    with pytest.raises(ValueError, match=r"--resolution 20 cannot pass through this U-Net"):
+        script.main(args)
+    # pixels: 16, too small for 6 levels
+    levels = ["--block_out_channels", *["8"] * 6, "--attention_levels", *["0"] * 5, "1", "--attention_head_dim", "8"]
+    levels += ["--norm_num_groups", "4"]
+    args = script.parse_args(["--output_dir", str(tmp_path / "pixels"), *levels])
+    with pytest.raises(ValueError, match=r"--resolution 16 cannot pass through this U-Net"):
+        script.main(args)
 
 
 def test_eval_steps_log_the_benchmarks_quality_figures(tmp_path):

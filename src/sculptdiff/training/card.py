@@ -12,16 +12,20 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffusers import AutoencoderKL
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..models.transformers.dit_sculpt import SculptDiT2DModel
 from ..pipelines.sculpt.pipeline_sculpt import SculptPipeline
 from .data import DIGITS_DATASET_NAME
+from .lora import LORA_WEIGHT_NAME
 from .publish import hub_repo_id
 
 
 SAMPLE_GRID_NAME = "sample_grid.png"
+# a LoRA run's samples of the base model, beside its samples with the adapter (SAMPLE_GRID_NAME)
+BASE_SAMPLE_GRID_NAME = "sample_grid_base.png"
 DIGITS_DESCRIPTION = (
     "scikit-learn's bundled handwritten digits (`sklearn.datasets.load_digits`, the UCI optical recognition of"
     " handwritten digits test set): real 8x8 scans with 16 grey levels, 10 classes."
@@ -40,11 +44,14 @@ class TrainingRun:
         num_processes: `accelerator.num_processes`.
         device_type: `accelerator.device.type`.
         mixed_precision: `accelerator.mixed_precision`.
-        sample_guidance_scale: the guidance scale the sample grid was rendered with.
+        sample_guidance_scale: the guidance scale the sample grid was rendered with (pipelines; None for a VAE).
         resumed_from_step: the step the run resumed from (0 for a fresh run).
         validation_prompts: the prompts of the sample grid (text models).
         resumed_settings: for a resume from a checkpoint of a run with other settings, name -> (the checkpoint
             run's value, this run's value from the resume on), e.g. `{"learning_rate": (0.001, 0.0005)}`.
+        lora_target_modules: the layers a LoRA run adapted (`args.lora_rank` set); None for full training.
+        conditioning_dropout_prob: how often the condition was dropped, for a stock diffusers denoiser (whose config
+            has no `conditioning_dropout_prob`); None reads the denoiser's config.
     """
 
     num_train_samples: int
@@ -54,10 +61,38 @@ class TrainingRun:
     num_processes: int
     device_type: str
     mixed_precision: str
-    sample_guidance_scale: float
+    sample_guidance_scale: float | None = None
     resumed_from_step: int = 0
     validation_prompts: list[str] | None = None
     resumed_settings: dict[str, tuple] = field(default_factory=dict)
+    lora_target_modules: list[str] | None = None
+    conditioning_dropout_prob: float | None = None
+
+    @classmethod
+    def finished(
+        cls,
+        accelerator,
+        args: argparse.Namespace,
+        num_train_samples: int,
+        training_steps: int,
+        train_seconds: float,
+        resume=None,
+        **measured,
+    ) -> "TrainingRun":
+        """The run of `accelerator` with `args` (its batch size and accumulation), resumed from `resume` (a
+        `checkpointing.ResumePoint`, None for a fresh run); `measured` sets the other fields."""
+        return cls(
+            num_train_samples=num_train_samples,
+            training_steps=training_steps,
+            train_seconds=train_seconds,
+            total_batch_size=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+            num_processes=accelerator.num_processes,
+            device_type=accelerator.device.type,
+            mixed_precision=accelerator.mixed_precision,
+            resumed_from_step=resume.step if resume is not None else 0,
+            resumed_settings=resume.differences if resume is not None else {},
+            **measured,
+        )
 
 
 def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: TrainingRun) -> ModelCard:
@@ -68,7 +103,8 @@ def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: Tr
             `hub_model_id`, `dataset_name`, `train_data_dir`, `image_column`, `resolution`,
             `model_card_template`, `pretrained_model_name_or_path`, `text_encoder_name_or_path`,
             `vae_name_or_path`, `learning_rate`, `lr_scheduler`, `lr_warmup_steps`, `max_train_steps`, `use_ema`,
-            `ema_power`, `snr_gamma`, `seed`, `weighting_scheme`, `validation_inference_steps`, `validation_eta`.
+            `ema_power`, `snr_gamma`, `seed`, `weighting_scheme`, `validation_inference_steps`, `validation_eta`,
+            and for a LoRA run (`run.lora_target_modules` set) `lora_rank`, `lora_alpha`.
         pipeline: the saved pipeline: architecture, conditioning, class names (`id2label`), objective, schedule and
             size are read from its components (its `denoiser`, the U-Net or the transformer), so the card describes
             what ships.
@@ -78,18 +114,21 @@ def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: Tr
     """
     denoiser = pipeline.denoiser
     denoiser_config = denoiser.config
-    if denoiser_config.num_class_embeds is not None:
+    # a stock diffusers denoiser (UNet2DModel, DiTTransformer2DModel, ...) has no id2label, no prediction_type (its
+    # scheduler's) and no conditioning_dropout_prob
+    num_classes = pipeline.num_classes()
+    if num_classes is not None:
         conditioning = "class"
-        id2label = denoiser_config.id2label or {}
-        names = [id2label.get(index, str(index)) for index in range(denoiser_config.num_class_embeds)]
+        id2label = denoiser_config.get("id2label") or {}
+        names = [id2label.get(index, str(index)) for index in range(num_classes)]
     else:
-        conditioning = "text" if denoiser_config.cross_attention_dim is not None else "none"
+        conditioning = "text" if denoiser_config.get("cross_attention_dim") is not None else "none"
         names = None
-    prediction_type = denoiser_config.prediction_type
-    if isinstance(denoiser, SculptDiT2DModel):
+    prediction_type = denoiser_config.get("prediction_type") or pipeline.scheduler.config.prediction_type
+    if pipeline.transformer is not None:
         architecture = (
-            f"SculptDiT2DModel (DiT, patch {denoiser_config.patch_size}, {denoiser_config.num_layers} layers, width"
-            f" {denoiser_config.num_attention_heads * denoiser_config.attention_head_dim})"
+            f"{type(denoiser).__name__} (DiT, patch {denoiser_config.patch_size}, {denoiser_config.num_layers} layers,"
+            f" width {denoiser_config.num_attention_heads * denoiser_config.attention_head_dim})"
         )
         shape = {
             "patch_size": denoiser_config.patch_size,
@@ -116,7 +155,11 @@ def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: Tr
         "prediction_type": prediction_type,
         "num_train_timesteps": pipeline.scheduler.config.num_train_timesteps,
         "beta_schedule": pipeline.scheduler.config.get("beta_schedule", "n/a (flow)"),
-        "conditioning_dropout_prob": denoiser_config.conditioning_dropout_prob,
+        "conditioning_dropout_prob": (
+            run.conditioning_dropout_prob
+            if run.conditioning_dropout_prob is not None
+            else denoiser_config.conditioning_dropout_prob
+        ),
         **shape,
         "parameters": f"{sum(parameter.numel() for parameter in denoiser.parameters()):,}",
         "learning_rate": args.learning_rate,
@@ -133,6 +176,21 @@ def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: Tr
     if prediction_type == "flow":
         hyperparameters["weighting_scheme"] = args.weighting_scheme
     pretrained = args.pretrained_model_name_or_path
+    lora = None
+    if run.lora_target_modules is not None:
+        lora = {
+            "rank": args.lora_rank,
+            "alpha": args.lora_alpha if args.lora_alpha is not None else args.lora_rank,
+            "target_modules": run.lora_target_modules,
+            "weight_name": LORA_WEIGHT_NAME,
+            "base_sample_grid": BASE_SAMPLE_GRID_NAME,
+            # what the usage snippet loads the adapter into: the base as given for a local run, else its Hub id
+            "base_model_id": pretrained if not args.push_to_hub else _public_name(pretrained),
+            # diffusers loads no adapter into a denoiser without PeftAdapterMixin (UNet2DModel, DiTTransformer2DModel):
+            # such a run also saves the whole pipeline with the adapter merged, and that is what the snippet loads
+            "fused": not isinstance(pipeline.denoiser, PeftAdapterMixin),
+        }
+        hyperparameters.update({"lora_rank": lora["rank"], "lora_alpha": lora["alpha"]})
     if pipeline.text_encoder is not None:
         encoder = args.text_encoder_name_or_path
         hyperparameters["text_encoder"] = (
@@ -169,6 +227,7 @@ def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: Tr
         resumed_settings={
             name: tuple(_public_value(value) for value in values) for name, values in run.resumed_settings.items()
         },
+        lora=lora,
     )
 
 
@@ -195,6 +254,7 @@ def render_model_card(
     license: str = "apache-2.0",
     resumed_from_step: int = 0,
     resumed_settings: dict[str, tuple] | None = None,
+    lora: dict | None = None,
 ) -> ModelCard:
     """Fill the template with the run's values: YAML metadata (from `ModelCardData`) and the Markdown body.
 
@@ -213,6 +273,8 @@ def render_model_card(
         base_model: the pipeline this one was fine-tuned from (a Hub id gets into the metadata).
         resumed_from_step: the step a resumed run started from.
         resumed_settings: name -> (value before `resumed_from_step`, value after) of the settings a resume changed.
+        lora: for a LoRA adapter (the card's template is `model_cards/sculpt_lora_model_card.md`): its `rank`,
+            `alpha`, `target_modules`, `weight_name`, `base_sample_grid` and the `base_model_id` it loads into.
 
     Training scripts call `build_model_card`, which computes all of these from the run. Local paths (`dataset_name`, `base_model`) appear in the body by their folder name and never in the metadata.
     """
@@ -220,6 +282,8 @@ def render_model_card(
     tags = ["sculptdiff", "diffusers", "diffusers-training", pipeline_tag]
     if conditioning == "class":
         tags.append("class-conditional")
+    if lora is not None:
+        tags.append("lora")
     # the built-in digits and local folders are not Hub datasets: only a Hub id goes into the metadata
     hub_dataset = dataset_name if dataset_name != DIGITS_DATASET_NAME and _is_repo_id(dataset_name) else None
     card_data = ModelCardData(
@@ -250,6 +314,7 @@ def render_model_card(
         fine_tuned_from=_public_name(base_model) if base_model is not None else None,
         resumed_from_step=resumed_from_step,
         resumed_settings=resumed_settings,
+        lora=lora,
     )
     # library_name "diffusers" and the tags, as diffusers' training examples add them
     return populate_model_card(card, tags=tags)
@@ -273,3 +338,165 @@ def _public_name(name: str) -> str:
 def _public_value(value):
     """A setting as the card may show it: a local path by its folder name, anything else as it is."""
     return _public_name(value) if isinstance(value, str) else value
+
+
+@dataclass
+class DistillationRun:
+    """What a finished distillation run (`distill_sculpt.py`) measured, for the student's model card.
+
+    Args:
+        teacher: the `--teacher` pipeline (a Hub id, or a local folder, shown by its name).
+        num_train_samples: images in the distillation set.
+        training_steps: optimisation steps at the end of the run (counting those before a resume).
+        train_seconds: wall-clock time of the distillation loop of this process.
+        total_batch_size: images per optimisation step over all processes and accumulation steps.
+        num_processes: `accelerator.num_processes`.
+        device_type: `accelerator.device.type`.
+        resumed_from_step: the step the run resumed from (0 for a fresh run).
+        validation_prompts: the prompts of the sample grid (text models).
+    """
+
+    teacher: str
+    num_train_samples: int
+    training_steps: int
+    train_seconds: float
+    total_batch_size: int
+    num_processes: int
+    device_type: str
+    resumed_from_step: int = 0
+    validation_prompts: list[str] | None = None
+
+
+def build_distilled_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: DistillationRun) -> ModelCard:
+    """The model card (README.md) of a latent-consistency-distilled student: its teacher, the guidance range it
+    learned, its sample grid at 1/2/4 steps and a 4-step snippet, rendered from `args.model_card_template`.
+
+    Args:
+        args: the distillation's arguments; read: `output_dir`, `push_to_hub`, `hub_model_id`, `dataset_name`,
+            `train_data_dir`, `model_card_template`, `w_min`, `w_max`, `num_ddim_timesteps`, `loss_type`,
+            `timestep_scaling_factor`, `ema_decay`, `time_cond_proj_dim`, `learning_rate`, `lr_scheduler`,
+            `max_train_steps`, `seed`, `validation_inference_steps`, `validation_guidance_scale`.
+        pipeline: the saved student pipeline (its `denoiser` and `LCMScheduler`).
+        run: what the run measured.
+    """
+    denoiser_config = pipeline.denoiser.config
+    num_classes = pipeline.num_classes()
+    id2label = denoiser_config.get("id2label") or {}
+    names = [id2label.get(str(index), str(index)) for index in range(num_classes)] if num_classes else None
+    conditioning = "class" if num_classes else "text"
+    builtin = args.dataset_name is None and args.train_data_dir is None
+    dataset_name = DIGITS_DATASET_NAME if builtin else args.dataset_name or args.train_data_dir
+    hyperparameters = {
+        "teacher": _public_name(run.teacher),
+        "prediction_type": denoiser_config.prediction_type,
+        "w range (guidance_scale)": f"[{args.w_min}, {args.w_max}]",
+        "num_ddim_timesteps": args.num_ddim_timesteps,
+        "loss_type": args.loss_type,
+        "timestep_scaling_factor": args.timestep_scaling_factor,
+        "ema_decay (target network)": args.ema_decay,
+        "time_cond_proj_dim": args.time_cond_proj_dim,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler": args.lr_scheduler,
+        "train_batch_size (total)": run.total_batch_size,
+        "max_train_steps": args.max_train_steps,
+        "seed": args.seed,
+    }
+    minutes, seconds = divmod(int(run.train_seconds), 60)
+    training_time = f"{minutes} min {seconds} s on {run.num_processes} process(es) ({run.device_type})"
+    if run.resumed_from_step:
+        training_time += f" (resumed at step {run.resumed_from_step})"
+    pipeline_tag = "text-to-image" if conditioning == "text" else "unconditional-image-generation"
+    tags = ["sculptdiff", "diffusers", "diffusers-training", pipeline_tag, "lcm", "latent-consistency-distillation"]
+    card_data = ModelCardData(
+        pipeline_tag=pipeline_tag,
+        license="apache-2.0",
+        base_model=run.teacher if _is_repo_id(run.teacher) else None,
+        datasets=[dataset_name] if not builtin and _is_repo_id(dataset_name) else None,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=args.model_card_template,
+        model_id=hub_repo_id(args) if args.push_to_hub else str(Path(args.output_dir).resolve()),
+        teacher=_public_name(run.teacher),
+        denoiser_class=type(pipeline.denoiser).__name__,
+        conditioning=conditioning,
+        class_names=names,
+        validation_prompts=run.validation_prompts,
+        dataset_name=_public_name(dataset_name),
+        num_train_samples=run.num_train_samples,
+        w_min=args.w_min,
+        w_max=args.w_max,
+        sample_grid=SAMPLE_GRID_NAME,
+        sample_inference_steps=list(args.validation_inference_steps),
+        sample_guidance_scale=args.validation_guidance_scale,
+        hyperparameters=hyperparameters,
+        training_steps=run.training_steps,
+        training_time=training_time,
+    )
+    return populate_model_card(card, tags=tags)
+
+
+RECONSTRUCTION_GRID_NAME = "reconstruction_grid.png"
+
+
+def build_vae_model_card(
+    args: argparse.Namespace, vae: AutoencoderKL, run: TrainingRun, statistics: dict[str, float]
+) -> ModelCard:
+    """The model card (README.md) of an autoencoder trained by `train_vae.py`: data, config, reconstruction error
+    and latent scale, rendered from `args.model_card_template` (`model_cards/vae_model_card.md`).
+
+    Args:
+        args: the run's arguments; read: `output_dir`, `push_to_hub`, `hub_model_id`, `dataset_name`,
+            `train_data_dir`, `image_column`, `resolution`, `model_card_template`, `rec_loss`, `kl_scale`,
+            `learning_rate`, `lr_scheduler`, `lr_warmup_steps`, `max_train_steps`, `use_ema`, `seed`.
+        vae: the saved autoencoder (its config, with the measured `scaling_factor`).
+        run: what the run measured (`sample_guidance_scale` is not used).
+        statistics: over the training data: `latent_mean`, `latent_std`, `reconstruction_mse`, `reconstruction_l1`,
+            `reconstruction_psnr` (pixels in [0, 1]).
+    """
+    config = vae.config
+    builtin = args.dataset_name is None and args.train_data_dir is None
+    dataset_name = DIGITS_DATASET_NAME if builtin else args.dataset_name or args.train_data_dir
+    description = DIGITS_DESCRIPTION if builtin else f"`{_public_name(dataset_name)}`, column `{args.image_column}`."
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    minutes, seconds = divmod(int(run.train_seconds), 60)
+    hyperparameters = {
+        "block_out_channels": list(config.block_out_channels),
+        "layers_per_block": config.layers_per_block,
+        "latent_channels": config.latent_channels,
+        "parameters": f"{sum(parameter.numel() for parameter in vae.parameters()):,}",
+        "rec_loss": args.rec_loss,
+        "kl_scale": args.kl_scale,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler": args.lr_scheduler,
+        "lr_warmup_steps": args.lr_warmup_steps,
+        "train_batch_size (total)": run.total_batch_size,
+        "max_train_steps": args.max_train_steps,
+        "use_ema": args.use_ema,
+        "mixed_precision": run.mixed_precision,
+        "seed": args.seed,
+    }
+    card_data = ModelCardData(
+        license="apache-2.0",
+        datasets=[dataset_name] if not builtin and _is_repo_id(dataset_name) else None,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=args.model_card_template,
+        model_id=hub_repo_id(args) if args.push_to_hub else str(Path(args.output_dir).resolve()),
+        dataset_name=_public_name(dataset_name),
+        dataset_description=description,
+        num_train_samples=run.num_train_samples,
+        resolution=args.resolution,
+        in_channels=config.in_channels,
+        latent_size=args.resolution // factor,
+        latent_channels=config.latent_channels,
+        scaling_factor=config.scaling_factor,
+        statistics=statistics,
+        reconstruction_grid=RECONSTRUCTION_GRID_NAME,
+        hyperparameters=hyperparameters,
+        training_steps=run.training_steps,
+        training_time=f"{minutes} min {seconds} s on {run.num_processes} process(es) ({run.device_type})",
+        resumed_from_step=run.resumed_from_step,
+    )
+    return populate_model_card(card, tags=["sculptdiff", "diffusers", "diffusers-training", "autoencoder", "vae"])

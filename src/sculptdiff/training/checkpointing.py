@@ -18,6 +18,7 @@ Nothing here knows the model: a distiller or a VAE trainer names its own folders
 """
 
 import json
+import math
 import os
 import re
 import shutil
@@ -292,3 +293,99 @@ def apply_optimizer_settings(optimizer: torch.optim.Optimizer, lr_scheduler, lea
         group["initial_lr"] = learning_rate
         group["lr"] = learning_rate * lr_lambda(scheduler.last_epoch)
         group.update(group_settings)
+
+
+def resume_training(
+    accelerator: Accelerator,
+    resume: ResumePoint | None,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    args,
+    ema_models: list[EMAModel] = (),
+) -> int:
+    """Load the checkpoint `find_resume_checkpoint` chose into the run and return the step to continue from (0 for a
+    fresh start, `resume` None).
+
+    A checkpoint of a run with other settings (resumed on purpose) gets this run's learning rate, AdamW settings and
+    EMA warm-up from here on (`args.learning_rate`, `adam_beta1`, `adam_beta2`, `adam_epsilon`, `adam_weight_decay`,
+    `ema_decay`, `ema_inv_gamma`, `ema_power`: the flags of `arguments.add_optimization_arguments`), with a warning.
+    Call it on every process, after `accelerator.prepare` and `register_checkpoint_hooks`.
+    """
+    if resume is None:
+        return 0
+    logger.info(f"Resuming from checkpoint {resume.path}")
+    accelerator.load_state(resume.path)
+    if resume.differences:
+        apply_optimizer_settings(
+            optimizer,
+            lr_scheduler,
+            args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            weight_decay=args.adam_weight_decay,
+        )
+        for ema_model in ema_models:
+            ema_model.decay, ema_model.inv_gamma, ema_model.power = args.ema_decay, args.ema_inv_gamma, args.ema_power
+        logger.warning(
+            f"{resume.path} was trained with other settings: {format_differences(resume.differences)}. This"
+            f" run's settings apply from step {resume.step + 1} (the random streams continue the checkpoint's);"
+            " training_args.json and the model card record both."
+        )
+    return resume.step
+
+
+def resume_run(
+    accelerator: Accelerator,
+    args,
+    fingerprint: dict,
+    model_folders: list[str],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    ema_models: list[EMAModel] = (),
+) -> tuple[ResumePoint | None, int]:
+    """`find_resume_checkpoint` for `args.resume_from_checkpoint` in `args.output_dir`, then `resume_training`:
+    the checkpoint resumed (None for a fresh start) and the step to continue from."""
+    resume = find_resume_checkpoint(
+        args.resume_from_checkpoint,
+        args.output_dir,
+        fingerprint,
+        model_folders=model_folders,
+        num_processes=accelerator.num_processes,
+        max_train_steps=args.max_train_steps,
+    )
+    return resume, resume_training(accelerator, resume, optimizer, lr_scheduler, args, ema_models)
+
+
+def training_batches(accelerator: Accelerator, dataloader, global_step: int, args):
+    """The batches of a run from optimisation step `global_step` to `args.max_train_steps`, epoch after epoch.
+
+    The seedable sampler is set to each epoch, and a run resumed mid-epoch skips the batches its checkpoint already
+    trained on, so that it sees the batches an uninterrupted run would. An optimisation step takes
+    `args.gradient_accumulation_steps` batches, the last one of an epoch the batches left (accelerate syncs the
+    gradients at the end of the loader). With `args.random_flip`, each image of `batch["pixel_values"]` is mirrored
+    left-right with probability 0.5, drawn here in the main process from the global RNG that checkpoints restore, so
+    that a resumed run replays the draws.
+
+    Args:
+        accelerator: the run's accelerator.
+        dataloader: the prepared training loader (this process's shard).
+        global_step: the step the run starts from (`resume_run`'s).
+        args: reads `max_train_steps`, `gradient_accumulation_steps` and `random_flip`.
+    """
+    accumulation = args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(dataloader) / accumulation)
+    first_epoch = global_step // steps_per_epoch
+    resume_batches = (global_step % steps_per_epoch) * accumulation
+    for epoch in range(first_epoch, math.ceil(args.max_train_steps / steps_per_epoch)):
+        dataloader.set_epoch(epoch)
+        batches = dataloader
+        if epoch == first_epoch and resume_batches > 0:
+            batches = accelerator.skip_first_batches(dataloader, resume_batches)
+        for index, batch in enumerate(batches, start=resume_batches if epoch == first_epoch else 0):
+            if epoch * steps_per_epoch + index // accumulation >= args.max_train_steps:
+                return
+            if args.random_flip:
+                pixel_values = batch["pixel_values"]
+                flip = torch.rand(pixel_values.shape[0], device=pixel_values.device) < 0.5
+                batch["pixel_values"] = torch.where(flip[:, None, None, None], pixel_values.flip(-1), pixel_values)
+            yield batch

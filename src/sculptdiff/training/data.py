@@ -61,6 +61,19 @@ def load_training_dataset(
     return dataset
 
 
+def load_run_dataset(accelerator, args) -> Dataset:
+    """The training set of a script's data flags (`args.dataset_name`, `dataset_config_name`, `train_data_dir`,
+    `cache_dir`), loaded by the main process first so that the others read its cache, cut to
+    `args.max_train_samples` when set."""
+    with accelerator.main_process_first():
+        dataset = load_training_dataset(
+            args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir
+        )
+    if args.max_train_samples is not None:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    return dataset
+
+
 def check_columns(
     dataset: Dataset, image_column: str, class_column: str | None = None, caption_column: str | None = None
 ) -> None:
@@ -213,7 +226,14 @@ class ExampleTransform:
         self.caption_column = caption_column
 
     def __call__(self, examples: dict) -> dict:
-        batch = {"pixel_values": [self.image_transform(image) for image in examples[self.image_column]]}
+        images = examples[self.image_column]
+        if not all(isinstance(image, PILImage.Image) for image in images):
+            kinds = sorted({type(image).__name__ for image in images if not isinstance(image, PILImage.Image)})
+            raise ValueError(
+                f"--image_column {self.image_column!r} holds {', '.join(kinds)} values, not images; name the column"
+                " that holds the images."
+            )
+        batch = {"pixel_values": [self.image_transform(image) for image in images]}
         if self.class_column is not None:
             values = examples[self.class_column]
             batch["class_labels"] = values if self.class_index is None else [self._class_id(value) for value in values]
@@ -251,3 +271,52 @@ def collate_fn(examples: list[dict]) -> dict:
     if "captions" in examples[0]:
         batch["captions"] = [example["captions"] for example in examples]
     return batch
+
+
+def set_training_transform(
+    dataset: Dataset,
+    args,
+    image_mode: str,
+    class_column: str | None = None,
+    caption_column: str | None = None,
+    resolution: int | None = None,
+):
+    """Sets the scripts' training transform on `dataset`: images from `args.image_column`, resized to `resolution`
+    (default `args.resolution`, center-cropped with `args.center_crop`) in `image_mode`, with class ids from
+    `class_column` or captions from `caption_column` (a script without conditioning passes neither)."""
+    dataset.set_transform(
+        ExampleTransform(
+            ImageTransform(args.resolution if resolution is None else resolution, image_mode, args.center_crop),
+            image_column=args.image_column,
+            class_column=class_column,
+            class_names=class_value_names(dataset, class_column),
+            caption_column=caption_column,
+        )
+    )
+
+
+def build_train_dataloader(dataset: Dataset, args) -> torch.utils.data.DataLoader:
+    """The shuffled training loader of `args.train_batch_size` and `args.dataloader_num_workers`, after decoding one
+    example, so that a bad column or an unreadable image fails before the first step."""
+    collate_fn([dataset[0]])
+    return torch.utils.data.DataLoader(
+        dataset,
+        shuffle=True,
+        collate_fn=collate_fn,
+        batch_size=args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+        # The loader draws its workers' base seed from this generator, not from the global RNG, whose state the
+        # checkpoints restore: a resumed run creating its loader mid-epoch then draws the same noise as an
+        # uninterrupted one.
+        generator=torch.Generator().manual_seed(torch.initial_seed()),
+    )
+
+
+@torch.no_grad()
+def batch_latents(pixel_values: torch.Tensor, vae=None) -> torch.Tensor:
+    """What a diffusion model of the batch denoises, in float32 and without gradients: the pixels themselves, or for
+    latent diffusion (Rombach et al. 2022) a sample of the `AutoencoderKL`'s latents times its `scaling_factor`."""
+    if vae is None:
+        return pixel_values.float()
+    latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample()
+    return (latents * vae.config.scaling_factor).float()

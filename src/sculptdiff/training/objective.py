@@ -85,7 +85,9 @@ def diffusion_loss(
         conditions["class_labels"] = class_labels
     if encoder_hidden_states is not None:
         conditions["encoder_hidden_states"] = encoder_hidden_states
-    model_pred = model(noisy_latents, timesteps, **conditions).sample
+    # a model that also learns its variance (out_channels = 2 x in_channels, diffusers' DiT checkpoints) is trained on
+    # its prediction only: the pipeline drops the variance channels and samples with the scheduler's, as DiTPipeline
+    model_pred = model(noisy_latents, timesteps, **conditions).sample[:, : latents.shape[1]]
 
     if snr_gamma is None:
         return F.mse_loss(model_pred.float(), target.float(), reduction="mean")

@@ -7,21 +7,30 @@ and arguments) and uploads only those; the `hf upload` command printed after a f
 """
 
 import argparse
+import json
 import os
 import shlex
 from pathlib import Path
 
+from accelerate.logging import get_logger
 from huggingface_hub import create_repo, upload_folder
+
+from .atomic_files import write_text
+from .checkpointing import ResumePoint
+
+
+logger = get_logger(__name__, log_level="INFO")
 
 
 # Hidden files and folders at any depth never leave the machine, even inside an allowlisted folder: `.env`,
 # `.tmp-save-*` and `.checkpoint-*.staging` folders of an interrupted save. (fnmatch's `*` crosses "/".) A pipeline's
 # own push needs no such rule: `save_pretrained` rewrites each component folder whole before it uploads.
-HIDDEN_PATTERNS = [".*", "*/.*"]
+HIDDEN_PATTERNS = (".*", "*/.*")
 # The run's arguments in the output folder, as `portable_training_args` gives them.
 ARGS_FILE_NAME = "training_args.json"
 # Never written to `training_args.json`, the logs or the trackers.
 SECRET_ARGS = ("hub_token",)
+COMMIT_MESSAGE = "Upload SculptPipeline trained with sculptdiff"
 
 
 class PushToHubError(RuntimeError):
@@ -56,7 +65,7 @@ def push_output_dir(
     *,
     token: str | None = None,
     private: bool = False,
-    commit_message: str = "Upload SculptPipeline trained with sculptdiff",
+    commit_message: str = COMMIT_MESSAGE,
 ) -> str:
     """Create the model repo (if needed) and upload the allowlisted files of `output_dir`; returns the repo id.
 
@@ -85,7 +94,8 @@ def push_output_dir(
             folder_path=output_dir,
             commit_message=commit_message,
             allow_patterns=allow_patterns,
-            ignore_patterns=HIDDEN_PATTERNS,
+            # a copy: upload_folder appends its own defaults (.git, ...) to the list it is given
+            ignore_patterns=list(HIDDEN_PATTERNS),
             token=token,
         )
     # Any failure here (network, auth, HTTP error) leaves a complete local folder: say how to push it later.
@@ -98,6 +108,40 @@ def push_output_dir(
             command,
         ) from error
     return repo_id
+
+
+def write_training_args(output_dir: str, args: argparse.Namespace, resume: ResumePoint | None = None):
+    """Write the run's arguments (`portable_training_args`) to `output_dir/training_args.json`; a resumed run also
+    records its checkpoint and, under `settings_before`, what the checkpoint's run used where this run differs."""
+    training_args = portable_training_args(vars(args))
+    if resume is not None:
+        settings_before = {name: old for name, (old, _) in resume.differences.items()}
+        training_args["resumed_from"] = {
+            "checkpoint": os.path.basename(os.path.normpath(resume.path)),
+            "step": resume.step,
+            "settings_before": portable_training_args(settings_before),
+        }
+    write_text(os.path.join(output_dir, ARGS_FILE_NAME), json.dumps(training_args, indent=2, sort_keys=True))
+
+
+def push_run(args: argparse.Namespace, allow_patterns: list[str], commit_message: str = COMMIT_MESSAGE) -> str:
+    """The end of a run with `--push_to_hub`: push the allowlisted files of `--output_dir` to `hub_repo_id(args)`
+    (private with `--hub_private_repo`) and log where; a failure is logged with the command that retries it, then
+    raised. Call it on the main process, last, so that a failed push leaves a complete local folder. The token
+    comes from HF_TOKEN or `hf auth login`, never from the command line."""
+    try:
+        pushed = push_output_dir(
+            args.output_dir,
+            hub_repo_id(args),
+            allow_patterns,
+            private=args.hub_private_repo,
+            commit_message=commit_message,
+        )
+    except PushToHubError as error:
+        logger.error(str(error))
+        raise
+    logger.info(f"Pushed {args.output_dir} to the Hub repo {pushed}")
+    return pushed
 
 
 def portable_training_args(args: dict, launch_dir: str | None = None) -> dict:

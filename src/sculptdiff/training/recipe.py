@@ -8,6 +8,7 @@ behind the numbers.
 
 from dataclasses import dataclass
 
+import torch
 from diffusers import ModelMixin
 from diffusers.training_utils import EMAModel
 
@@ -148,10 +149,16 @@ def build_ema(
     decay: float = RECIPE.ema_decay,
     inv_gamma: float = RECIPE.ema_inv_gamma,
     power: float = RECIPE.ema_power,
+    parameters: list[torch.nn.Parameter] | None = None,
 ) -> EMAModel:
     """An EMA of `model`'s weights (Polyak averaging, as in DDPM's released models) with crowsonkb's warm-up, so that
     short runs average recent weights rather than the random initialisation. It saves as a `save_pretrained` folder
-    of `model`'s class."""
+    of `model`'s class.
+
+    With `parameters` (the trainable part of `model`, e.g. a LoRA adapter's), only those are averaged; such an EMA
+    has no `save_pretrained` folder: checkpoint it with `accelerator.register_for_checkpointing`."""
+    if parameters is not None:
+        return EMAModel(parameters, decay=decay, use_ema_warmup=True, inv_gamma=inv_gamma, power=power)
     return EMAModel(
         model.parameters(),
         decay=decay,
