@@ -44,7 +44,12 @@ from sculptdiff.evaluation.digits import (
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.BenchmarkParser(
+        __doc__.split("\n\n")[0],
+        results="metric-<date>.md/.json",
+        quick={"num_samples": 200, "num_draws": 3, "disjoint_classifier_epochs": 5},
+        seed="Seed of the draws, the held-out halves and the noise.",
+    )
     parser.add_argument("--resolution", type=int, default=16, help="Image side in pixels (16 or 32).")
     parser.add_argument(
         "--num_samples", type=int, default=500, help="Images per set (the quality benchmark's --num_samples)."
@@ -56,15 +61,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=60,
         help="Epochs of the classifier trained on held-out half A (270 digits; the evaluator's sees 1257 for 30).",
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the draws, the held-out halves and the noise.")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
-    parser.add_argument(
-        "--output_dir", type=str, default=str(harness.RESULTS_DIR), help="Where metric-<date>.md/.json are written."
-    )
-    parser.add_argument("--quick", action="store_true", help="Smoke test: 200 samples, 3 draws, 5 classifier epochs.")
     args = parser.parse_args(input_args)
-    if args.quick:
-        args.num_samples, args.num_draws, args.disjoint_classifier_epochs = 200, 3, 5
     if args.num_draws < 2:
         raise ValueError(f"--num_draws must be >= 2 to measure a spread, got {args.num_draws}.")
     if not 20 <= args.num_samples <= 1220:
@@ -99,13 +96,7 @@ def main(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.monotonic()
-    data = {
-        "date": harness.utc_now(),
-        "command": harness.command_line(),
-        "machine": harness.machine_info(),
-        "load": {"start": os.getloadavg()},
-        "args": vars(args),
-    }
+    data = harness.results_header(args)
     evaluator = DigitsEvaluator(args.resolution)
     split = evaluator.split
     data["classifier_held_out_accuracy"] = evaluator.held_out_accuracy

@@ -6,8 +6,9 @@
     python benchmarks/bench_quality.py --quick         # the whole path in about two minutes
 
 Models, all class-conditional on the built-in digits (train split only; the held-out split is the metrics'
-reference), trained in this process by one plain loop under the same wall-clock budget, batch, optimiser, learning
-rate schedule, gradient clipping and EMA:
+reference), trained in this process by the harness's one loop (`harness.train_interleaved` over
+`harness.DiffusionRun`s) under the same wall-clock budget, batch, optimiser, learning rate schedule, gradient
+clipping and EMA:
 
 - `sculptdiff`: SculptUNet2DModel + SculptScheduler, the default recipe of `sculptdiff.training.recipe` (the
   training script's defaults: its U-Net config, cosine betas, "trailing" spacing, epsilon, lr 1e-3 with warm-up and
@@ -31,17 +32,22 @@ noise for every set) with several samplers and step counts (DDIM, DPM-Solver++ p
 SculptScheduler eta=0; flow Euler and Heun), and each set is scored by `sculptdiff.evaluation.digits.DigitsEvaluator`:
 Frechet distance (FD) in a digits classifier's feature space, class accuracy, class coverage, k-NN precision and
 recall, read against its calibration rows (real digits drawn for the same labels, the floor and its noise band over
-several draws; blurred, noisy, collapsed digits). The sets run in priority order (the cells the targets need first)
+several draws; blurred, noisy, collapsed digits). Guided sets use the pipeline's own classifier-free guidance
+(`--guidance_scales`) or one of diffusers' guiders as its `guider` component (`--guiders`: CFG, CFG in an interval,
+APG, CFG-Zero*, TCFG, FDG); `--student` adds a consistency-distilled student (LCMScheduler, its w an input) beside its
+teacher, with model calls per image and images/s. The sets run in priority order (the cells the targets need first)
 and the results file is rewritten after each set, so a run stopped early still reports what it measured. Writes
 benchmarks/results/quality-<date>.md (+ .json, an FD-vs-steps plot and a sample grid). Needs matplotlib for the PNGs
 (the `bench` extra).
 """
 
 import argparse
+import ast
+import inspect
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
 
@@ -49,31 +55,100 @@ import harness
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from diffusers.training_utils import EMAModel
+from diffusers import guiders as diffusers_guiders
+from diffusers.guiders import BaseGuidance
 from harness import NUM_CLASSES
 
-from sculptdiff.evaluation.digits import DigitsEvaluator, digits_split_indices
+from sculptdiff.evaluation.digits import DigitsEvaluator
 from sculptdiff.models.unet_sculpt import SculptUNet2DModel
 from sculptdiff.pipelines.sculpt.pipeline_sculpt import SculptPipeline
 from sculptdiff.schedulers.scheduling_sculpt import SculptScheduler
 from sculptdiff.schedulers.scheduling_sculpt_flow import SculptFlowScheduler
-from sculptdiff.training.data import ExampleTransform, ImageTransform, collate_fn, load_digits_dataset
-from sculptdiff.training.objective import diffusion_loss
-from sculptdiff.training.recipe import RECIPE, build_ema, build_noise_scheduler
+from sculptdiff.training.recipe import RECIPE, build_noise_scheduler
+
+
+# The guider sweep (`--guiders`): each entry is the Python call that builds one of diffusers' guiders, so a setting
+# that wins can be shipped as printed (`pipe.register_modules(guider=...)`). Fractions of the loop for `start`/`stop`
+# are read on the recipe's 10-step "trailing" cosine grid, whose sigma = sqrt((1 - alpha_bar) / alpha_bar) runs
+# 2e4, 6.4, 3.1, 2.0, 1.4, 1.0, 0.74, 0.52, 0.34, 0.17.
+DEFAULT_GUIDERS = [
+    # plain CFG, the reference (arXiv 2207.12598)
+    "ClassifierFreeGuidance(guidance_scale=1.5)",
+    "ClassifierFreeGuidance(guidance_scale=2.0)",
+    "ClassifierFreeGuidance(guidance_scale=3.0)",
+    "ClassifierFreeGuidance(guidance_scale=4.0)",
+    # guidance in a limited interval (arXiv 2404.07724): its SD-XL / EDM2-S interval sigma in (0.28, 5.42] is steps
+    # 2-8 of 10 (start=0.2, stop=0.9); its EDM2-XXL interval (0.19, 1.61] is steps 4-8 (start=0.4); later still,
+    # steps 6-8 (sigma 0.74-0.34) and 6-9
+    "ClassifierFreeGuidance(guidance_scale=3.0, start=0.2, stop=0.9)",
+    "ClassifierFreeGuidance(guidance_scale=4.0, start=0.2, stop=0.9)",
+    "ClassifierFreeGuidance(guidance_scale=5.0, start=0.2, stop=0.9)",
+    "ClassifierFreeGuidance(guidance_scale=2.0, start=0.4, stop=0.9)",
+    "ClassifierFreeGuidance(guidance_scale=3.0, start=0.4, stop=0.9)",
+    "ClassifierFreeGuidance(guidance_scale=5.0, start=0.4, stop=0.9)",
+    "ClassifierFreeGuidance(guidance_scale=3.0, start=0.6, stop=0.9)",
+    "ClassifierFreeGuidance(guidance_scale=4.0, start=0.6, stop=0.9)",
+    "ClassifierFreeGuidance(guidance_scale=3.0, start=0.6, stop=1.0)",
+    # APG (arXiv 2410.02416): eta = 0 (drop the update's part parallel to the conditional prediction), negative
+    # momentum -0.5, and a norm threshold r on the update (diffusers' `adaptive_projected_guidance_rescale`, the L2
+    # norm of eps_cond - eps_uncond over the whole prediction; diffusers' default 15 is for SD's 4x128x128 latents).
+    # On the digits model's 1x16x16 epsilon that norm is 0.3-0.8 at 10 steps (median per step, measured on the
+    # 2026-12-02 models), so r = 0.5 clips part of the update and 0.25 most of it
+    "AdaptiveProjectedGuidance(guidance_scale=3.0, eta=0.0, adaptive_projected_guidance_rescale=0.0)",
+    "AdaptiveProjectedGuidance(guidance_scale=5.0, eta=0.0, adaptive_projected_guidance_rescale=0.5,"
+    " adaptive_projected_guidance_momentum=-0.5)",
+    "AdaptiveProjectedGuidance(guidance_scale=5.0, eta=0.0, adaptive_projected_guidance_rescale=0.25,"
+    " adaptive_projected_guidance_momentum=-0.5)",
+    "AdaptiveProjectedGuidance(guidance_scale=8.0, eta=0.0, adaptive_projected_guidance_rescale=0.25,"
+    " adaptive_projected_guidance_momentum=-0.5)",
+    # CFG-Zero* (arXiv 2503.18886): the optimised scale of the unconditional branch, with and without zeroing the
+    # first step's prediction (the paper zeroes the first 4% of steps; diffusers' default is 1 step)
+    "ClassifierFreeZeroStarGuidance(guidance_scale=3.0, zero_init_steps=0)",
+    "ClassifierFreeZeroStarGuidance(guidance_scale=3.0, zero_init_steps=1)",
+    # Tangential CFG (arXiv 2503.18137)
+    "TangentialClassifierFreeGuidance(guidance_scale=3.0)",
+    "TangentialClassifierFreeGuidance(guidance_scale=5.0)",
+    # Frequency-decoupled guidance (arXiv 2506.19713): strong guidance on the high band, weak on the low band (not
+    # 1.0: diffusers 0.42.1 then rebuilds the image from the wrong band and fails on a shape mismatch)
+    "FrequencyDecoupledGuidance(guidance_scales=[3.0, 1.5])",
+    "FrequencyDecoupledGuidance(guidance_scales=[5.0, 1.5])",
+    "FrequencyDecoupledGuidance(guidance_scales=[5.0, 1.25])",
+]
+# `--quick`: one setting of each guider class
+QUICK_GUIDERS = [
+    "ClassifierFreeGuidance(guidance_scale=3.0, start=0.2, stop=0.9)",
+    "AdaptiveProjectedGuidance(guidance_scale=5.0, eta=0.0, adaptive_projected_guidance_rescale=0.5,"
+    " adaptive_projected_guidance_momentum=-0.5)",
+    "ClassifierFreeZeroStarGuidance(guidance_scale=3.0, zero_init_steps=0)",
+    "TangentialClassifierFreeGuidance(guidance_scale=3.0)",
+    "FrequencyDecoupledGuidance(guidance_scales=[3.0, 1.5])",
+]
+# The guider target (issue 16): class accuracy >= 99.5% with FD within 1.3x of the same model's w = 1 FD
+GUIDER_TARGET_ACCURACY, GUIDER_TARGET_FD_RATIO = 0.995, 1.3
+# The student targets (issue 16): the student at 4 steps no worse in FD than the teacher at --teacher_steps guided
+# steps, at class accuracy >= 99%; at 1 step, FD within 2x of the teacher's
+STUDENT_TARGET_ACCURACY, STUDENT_ONE_STEP_FD_RATIO = 0.99, 2.0
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument(
-        "--train_minutes", type=float, default=10.0, help="Wall-clock training budget per model, in minutes."
-    )
-    parser.add_argument(
-        "--num_samples", type=int, default=500, help="Images per scored set (and per calibration set)."
+    parser = harness.BenchmarkParser(
+        __doc__.split("\n\n")[0],
+        results="quality-<date>.md/.json/.png",
+        quick={"steps": [5, 10], "guidance_scales": [1.0, 3.0], "guidance_steps": 10},
+        seed="Seed of model init, data order, noise and samples.",
+        train_minutes=10.0,
     )
     parser.add_argument(
         "--steps", type=int, nargs="+", default=[5, 10, 20, 50], help="Sampling step counts of the step sweep."
+    )
+    parser.add_argument(
+        "--step_sweep",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=(
+            "Sample every sampler at --steps with w=1. With --no-step_sweep only each main sampler's w=1 set at"
+            " --guidance_steps runs (the guider target's baseline), e.g. to re-score guiders with --from_models."
+        ),
     )
     parser.add_argument(
         "--guidance_scales",
@@ -97,28 +172,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="Also train and sample sculptdiff's rectified-flow model (SculptFlowScheduler).",
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of model init, data order, noise and samples.")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help=(
-            "torch intra-op threads (default: torch's choice, the core count). On a loaded shared machine use 1:"
-            " OpenMP threads that wait for each other made training 5x slower at load 7 on 2 cores."
-        ),
-    )
-    parser.add_argument(
-        "--output_dir",
-        type=str,
-        default=str(harness.RESULTS_DIR),
-        help="Where quality-<date>.md/.json/.png are written.",
-    )
-    parser.add_argument(
-        "--model_dir",
-        type=str,
-        default=None,
-        help="Where the trained models are saved (save_pretrained folders); default: a folder in the system temp dir.",
-    )
     parser.add_argument(
         "--from_models",
         type=str,
@@ -136,174 +189,171 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help='Only these samplers, by their table names (e.g. "DDIM" "DPM-Solver++ (thresholding)"); default all.',
     )
     parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="Smoke test: 15 s of training per model, 100 samples, steps 5 and 10, guidance 1 and 3.",
+        "--guiders",
+        type=str,
+        nargs="*",
+        default=None,
+        help=(
+            "Guider sweep at --guidance_steps with each model's main sampler: calls of diffusers' guider classes with"
+            ' literal keyword arguments, e.g. "ClassifierFreeGuidance(guidance_scale=3, start=0.2, stop=0.9)".'
+            " Default: plain CFG, CFG in an interval, APG, CFG-Zero*, TCFG and FDG settings (DEFAULT_GUIDERS);"
+            " with --quick one setting per class (QUICK_GUIDERS); `--guiders` alone: no guider sweep."
+        ),
+    )
+    parser.add_argument(
+        "--student",
+        type=str,
+        nargs="+",
+        action="extend",
+        default=[],
+        help=(
+            "A consistency-distilled student pipeline folder (SculptPipeline with LCMScheduler, a denoiser with"
+            " `time_cond_proj_dim`); repeatable. Adds its rows at --student_steps beside the teacher's."
+        ),
+    )
+    parser.add_argument(
+        "--student_steps", type=int, nargs="+", default=[1, 2, 4, 8], help="Step counts of the student rows."
+    )
+    parser.add_argument(
+        "--student_guidance_scale",
+        type=float,
+        default=3.0,
+        help="Guidance scale w of the student rows (the student's w input) and of the teacher's rows beside them.",
+    )
+    parser.add_argument(
+        "--teacher",
+        type=str,
+        default=None,
+        help=(
+            "The students' teacher, a SculptPipeline folder, sampled with its own scheduler. Default: this run's"
+            " sculptdiff model (the default recipe) with its main sampler."
+        ),
+    )
+    parser.add_argument(
+        "--teacher_steps",
+        type=int,
+        default=20,
+        help="Guided step count of the teacher's reference row (besides the student's step counts).",
+    )
+    parser.add_count(
+        "timing_batch_size",
+        64,
+        "Batch of the images/s measurement of the student and teacher rows (whole pipeline calls).",
     )
     args = parser.parse_args(input_args)
-    if args.quick:
-        args.train_minutes = 0.25
-        args.num_samples = 100
-        args.steps = [5, 10]
-        args.guidance_scales = [1.0, 3.0]
-        args.guidance_steps = 10
-    if args.train_minutes <= 0:
-        raise ValueError(f"--train_minutes must be > 0, got {args.train_minutes}.")
-    if args.num_samples < 20:
-        raise ValueError(f"--num_samples must be >= 20 (k-NN and covariances need samples), got {args.num_samples}.")
+    if args.guiders is None:
+        args.guiders = QUICK_GUIDERS if args.quick else DEFAULT_GUIDERS
     if any(steps < 1 for steps in args.steps) or args.guidance_steps < 1:
         raise ValueError("--steps and --guidance_steps must be >= 1.")
     if any(scale < 1 for scale in args.guidance_scales):
         raise ValueError("--guidance_scales must be >= 1 (1 = plain conditional sampling).")
+    if any(steps < 1 for steps in args.student_steps) or args.teacher_steps < 1:
+        raise ValueError("--student_steps and --teacher_steps must be >= 1.")
+    # fail on a mistyped guider before any training; the canonical spelling goes into the results
+    args.guiders = [parse_guider(spec).spec for spec in args.guiders]
     return args
 
 
-@dataclass
-class Run:
-    """One model under training: its network, objective, optimiser, EMA, data and clock."""
+@dataclass(frozen=True)
+class GuiderSetting:
+    """One of diffusers' guiders and its arguments; `spec` is the Python call that builds it."""
 
-    name: str
-    model: torch.nn.Module
-    noise_scheduler: object
-    objective: str  # "epsilon" or "flow"
-    drop_labels_in_loop: bool  # stock: the loop does the null-class dropout; sculptdiff: the U-Net's embedder does
-    optimizer: torch.optim.Optimizer = None
-    ema: EMAModel = None
-    dataloader: torch.utils.data.DataLoader = None
-    batches: object = None
-    generator: torch.Generator = None
-    seconds: float = 0.0
-    steps: int = 0
-    epochs: int = 0
-    losses: list = field(default_factory=list)
+    spec: str
+    guider_class: type
+    kwargs: dict
+
+    def build(self) -> BaseGuidance:
+        # a fresh guider per set: APG's momentum buffer and every guider's step state start clean
+        return self.guider_class(**self.kwargs)
 
 
-def build_runs(args: argparse.Namespace) -> list[Run]:
-    torch.manual_seed(args.seed)
-    runs = [
-        Run(
-            "sculptdiff",
-            harness.build_sculpt_digits_unet(args.resolution),
-            build_noise_scheduler(),
-            "epsilon",
-            drop_labels_in_loop=False,
+def as_float(value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [as_float(item) for item in value]
+    return value
+
+
+def parse_guider(spec: str) -> GuiderSetting:
+    """A `--guiders` entry: a call of a diffusers guider class with literal keyword arguments."""
+    example = '"ClassifierFreeGuidance(guidance_scale=3.0, start=0.2, stop=0.9)"'
+    try:
+        call = ast.parse(spec.strip(), mode="eval").body
+        if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
+            raise SyntaxError(spec)
+        if any(keyword.arg is None for keyword in call.keywords):
+            raise SyntaxError(spec)
+        kwargs = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+    except (SyntaxError, ValueError) as error:
+        raise ValueError(
+            f"--guiders entry {spec!r} is not a guider class called with literal keyword arguments, e.g. {example}."
+        ) from error
+    guider_class = getattr(diffusers_guiders, call.func.id, None)
+    if (
+        not isinstance(guider_class, type)
+        or not issubclass(guider_class, BaseGuidance)
+        or guider_class is BaseGuidance
+    ):
+        known = sorted(
+            name
+            for name in dir(diffusers_guiders)
+            if isinstance(getattr(diffusers_guiders, name), type)
+            and issubclass(getattr(diffusers_guiders, name), BaseGuidance)
+            and name != "BaseGuidance"
         )
+        raise ValueError(f"--guiders entry {spec!r}: {call.func.id} is not one of diffusers' guiders {known}.")
+    parameters = inspect.signature(guider_class.__init__).parameters
+    unknown = sorted(set(kwargs) - set(parameters))
+    if unknown:
+        raise ValueError(
+            f"--guiders entry {spec!r}: {guider_class.__name__} takes no {unknown}; it takes"
+            f" {[name for name in parameters if name != 'self']}."
+        )
+    for name, value in kwargs.items():
+        # 3 means 3.0 except for integer arguments (CFG-Zero*'s `zero_init_steps`): FrequencyDecoupledGuidance tests
+        # `isinstance(start, float)`
+        default = parameters[name].default
+        if not (isinstance(default, int) and not isinstance(default, bool)):
+            kwargs[name] = as_float(value)
+    canonical = f"{guider_class.__name__}({', '.join(f'{name}={value!r}' for name, value in kwargs.items())})"
+    setting = GuiderSetting(canonical, guider_class, kwargs)
+    setting.build()  # the guider's own checks (list lengths, kornia for FDG) fail here, before any training
+    return setting
+
+
+def build_runs(args: argparse.Namespace) -> list[harness.DiffusionRun]:
+    """The models to train, each from `--seed` (the same initial draws), seeing the same batches in the same order and
+    the same noise draws."""
+    dataset = harness.digits_train_dataset(args.resolution)
+    entries = [
+        ("sculptdiff", harness.build_sculpt_digits_unet, build_noise_scheduler(), "epsilon"),
+        ("stock", harness.build_stock_digits_unet, harness.build_stock_noise_scheduler(), "epsilon"),
     ]
-    torch.manual_seed(args.seed)
-    runs.append(
-        Run(
-            "stock",
-            harness.build_stock_digits_unet(args.resolution),
-            harness.build_stock_noise_scheduler(),
-            "epsilon",
-            drop_labels_in_loop=True,
-        )
-    )
     if args.with_flow:
+        entries.append(
+            ("sculptdiff-flow", build_flow_digits_unet, build_noise_scheduler(prediction_type="flow"), "flow")
+        )
+    runs = []
+    for name, build_model, noise_scheduler, objective in entries:
         torch.manual_seed(args.seed)
+        model = build_model(args.resolution)
+        # stock: the loop does the null-class dropout; sculptdiff: the U-Net's embedder does
         runs.append(
-            Run(
-                "sculptdiff-flow",
-                harness.build_sculpt_digits_unet(args.resolution, prediction_type="flow"),
-                build_noise_scheduler(prediction_type="flow"),
-                "flow",
-                drop_labels_in_loop=False,
+            harness.build_diffusion_run(
+                name, model, noise_scheduler, objective, dataset, args.seed, drop_labels_in_loop=name == "stock"
             )
         )
-
-    dataset = load_digits_dataset()
-    train_index, _ = digits_split_indices(dataset["label"])
-    dataset = dataset.select(train_index.tolist())
-    dataset.set_transform(ExampleTransform(ImageTransform(args.resolution, "L"), "image", "label"))
-    for run in runs:
-        run.model.train()
-        run.optimizer = torch.optim.AdamW(
-            run.model.parameters(),
-            lr=RECIPE.learning_rate,
-            betas=(RECIPE.adam_beta1, RECIPE.adam_beta2),
-            weight_decay=RECIPE.adam_weight_decay,
-            eps=RECIPE.adam_epsilon,
-        )
-        run.ema = build_ema(run.model)
-        # the same seed for every model: the same batches in the same order, the same noise draws
-        run.dataloader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=RECIPE.train_batch_size,
-            shuffle=True,
-            collate_fn=collate_fn,
-            generator=torch.Generator().manual_seed(args.seed),
-        )
-        run.batches = iter(run.dataloader)
-        run.generator = torch.Generator().manual_seed(args.seed + 1)
     return runs
 
 
-def next_batch(run: Run) -> dict:
-    try:
-        return next(run.batches)
-    except StopIteration:
-        run.epochs += 1
-        run.batches = iter(run.dataloader)
-        return next(run.batches)
+def build_flow_digits_unet(resolution: int) -> SculptUNet2DModel:
+    return harness.build_sculpt_digits_unet(resolution, prediction_type="flow")
 
 
-def train_step(run: Run, budget_seconds: float):
-    """One optimisation step of the package's training step, as train_sculpt.py takes it for a class-conditional
-    pixel model."""
-    # learning rate: linear warm-up, then cosine decay over the time budget (see the module docstring)
-    warmup = min(1.0, (run.steps + 1) / RECIPE.lr_warmup_steps)
-    decay = 0.5 * (1.0 + math.cos(math.pi * min(1.0, run.seconds / budget_seconds)))
-    for group in run.optimizer.param_groups:
-        group["lr"] = RECIPE.learning_rate * warmup * decay
-
-    batch = next_batch(run)
-    class_labels = batch["class_labels"]
-    if run.drop_labels_in_loop:
-        # the stock U-Net has no label dropout of its own: DiT's token_drop, here, with the recipe's probability
-        drop = torch.rand(class_labels.shape[0], generator=run.generator) < RECIPE.conditioning_dropout_prob
-        class_labels = torch.where(drop, NUM_CLASSES, class_labels)
-    loss = diffusion_loss(
-        run.model,
-        run.noise_scheduler,
-        batch["pixel_values"],
-        run.objective,
-        class_labels=class_labels,
-        generator=run.generator,
-    )
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(run.model.parameters(), RECIPE.max_grad_norm)
-    run.optimizer.step()
-    run.optimizer.zero_grad()
-    run.ema.step(run.model.parameters())
-    run.steps += 1
-    run.losses.append(loss.item())
-
-
-def train_interleaved(runs: list[Run], budget_seconds: float, log):
-    """One step of each model in turn until each has used its budget; only its own steps count on its clock."""
-    # one untimed forward and backward per model first: one-time kernel set-up must not land on one model's clock
-    for run in runs:
-        batch = next(iter(run.dataloader))
-        timesteps = torch.full((batch["pixel_values"].shape[0],), 500)
-        run.model(batch["pixel_values"], timesteps, class_labels=batch["class_labels"]).sample.mean().backward()
-        run.optimizer.zero_grad()
-    next_report = 60.0
-    while any(run.seconds < budget_seconds for run in runs):
-        for run in runs:
-            if run.seconds >= budget_seconds:
-                continue
-            start = time.perf_counter()
-            train_step(run, budget_seconds)
-            run.seconds += time.perf_counter() - start
-        elapsed = min(run.seconds for run in runs)
-        if elapsed >= next_report:
-            next_report += 60.0
-            log(
-                "  ".join(
-                    f"{run.name}: {run.steps} steps, loss(last 50) {np.mean(run.losses[-50:]):.4f}" for run in runs
-                )
-                + f"  load {os.getloadavg()[0]:.1f}"
-            )
+def scored_run(name: str, model: torch.nn.Module, noise_scheduler, objective: str) -> harness.DiffusionRun:
+    """A trained model to sample and score (loaded, not trained here): a run without optimiser, EMA or data."""
+    return harness.DiffusionRun(name, model, noise_scheduler, objective, None, None, None, None)
 
 
 @dataclass
@@ -313,7 +363,7 @@ class Sampler:
     guided_default: bool  # the model's main sampler: the one of the guidance sweep
 
 
-def samplers_for(run: Run) -> list[Sampler]:
+def samplers_for(run: harness.DiffusionRun) -> list[Sampler]:
     """Every sampler is built from the training scheduler's config, as a user swapping schedulers would."""
     config = run.noise_scheduler.config
     if run.objective == "flow":
@@ -338,21 +388,46 @@ def samplers_for(run: Run) -> list[Sampler]:
     ]
 
 
-def sample(
-    model: torch.nn.Module, scheduler, class_labels: torch.Tensor, num_steps: int, guidance_scale: float, seed: int
-) -> tuple[torch.Tensor, int]:
-    """Images in [-1, 1] from SculptPipeline, and the number of network evaluations per image (NFE)."""
-    pipeline = SculptPipeline(unet=model, scheduler=scheduler)
-    pipeline.set_progress_bar_config(disable=True)
-    images = pipeline(
+@dataclass
+class Job:
+    """One scored set: a model, its sampler, a step count, and either a guidance scale or a guider."""
+
+    run: harness.DiffusionRun
+    sampler: Sampler
+    steps: int
+    guidance: float | None = 1.0  # `guidance_scale`; None when a guider owns guidance
+    guider: GuiderSetting | None = None
+    sweep: str = "steps"  # the table it belongs to: "steps", "guidance", "guiders" or "students"
+    timed: bool = False  # images/s at --timing_batch_size as well
+
+    def describe(self) -> str:
+        setting = self.guider.spec if self.guider else f"w={self.guidance:g}"
+        return f"{self.run.name} / {self.sampler.name} / {self.steps} steps / {setting}"
+
+
+def sample_job(job: Job, class_labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, float]:
+    guider = job.guider.build() if job.guider else None
+    return harness.sample_digits(
+        job.run.model,
+        job.sampler.scheduler,
+        job.steps,
+        seed,
         class_labels=class_labels,
-        num_inference_steps=num_steps,
-        guidance_scale=guidance_scale,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pt",
-    ).images
-    # the pipeline returns [0, 1]; the evaluator reads the training range [-1, 1]
-    return images * 2 - 1, len(pipeline.scheduler.timesteps)
+        guidance_scale=job.guidance,
+        guider=guider,
+    )
+
+
+def images_per_second(job: Job, batch_size: int, seed: int, repeats: int = 3) -> float:
+    """Whole pipeline calls on a batch (every step, guidance included): the median of `repeats` timed calls after an
+    untimed warm-up call."""
+    class_labels = torch.arange(batch_size) % NUM_CLASSES
+    seconds = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        sample_job(job, class_labels, seed)
+        seconds.append(time.perf_counter() - start)
+    return batch_size / float(np.median(seconds[1:]))
 
 
 def format_metric(value: float, digits: int = 2) -> str:
@@ -368,11 +443,7 @@ class Report:
         suffix = ("-from-models" if args.from_models else "") + ("-quick" if args.quick else "")
         self.base = Path(args.output_dir) / f"quality-{stamp}{suffix}"
         self.data = {
-            "date": harness.utc_now(),
-            "command": harness.command_line(),
-            "machine": harness.machine_info(),
-            "load": {"start": os.getloadavg()},
-            "args": vars(args),
+            **harness.results_header(args),
             "training": {},
             "checks": {},
             "calibration": {},
@@ -380,28 +451,103 @@ class Report:
             "status": "running",
         }
 
-    def cell(self, model: str, sampler: str, steps: int, guidance: float) -> dict | None:
-        for cell in self.data["cells"]:
+    def cells(self, *sweeps: str) -> list[dict]:
+        return [cell for cell in self.data["cells"] if cell.get("sweep", "steps") in sweeps]
+
+    def cell(self, model: str, sampler: str, steps: int, guidance: float, sweeps=("steps", "guidance")) -> dict | None:
+        for cell in self.cells(*sweeps):
             if (cell["model"], cell["sampler"], cell["steps"], cell["guidance"]) == (model, sampler, steps, guidance):
                 return cell
         return None
 
     def best_fd(self, model: str, steps: int, guidance: float = 1.0) -> dict | None:
         best = None
-        for cell in self.data["cells"]:
+        for cell in self.cells("steps", "guidance"):
             if (cell["model"], cell["steps"], cell["guidance"]) == (model, steps, guidance):
                 if best is None or cell["fd"] < best["fd"]:
                     best = cell
         return best
 
-    def targets(self) -> list[str]:
+    def guider_reference(self, model: str, sampler: str) -> dict | None:
+        """The unguided (w = 1) set of a model's main sampler at --guidance_steps: the guider target's FD baseline."""
+        return self.cell(model, sampler, self.args.guidance_steps, 1.0)
+
+    def guider_targets(self) -> list[str]:
+        """Per model: the best guider setting with class accuracy >= 99.5% and FD within 1.3x of its w = 1 FD."""
         lines = []
-        floor = self.data["calibration"].get("real train digits (floor)")
-        if floor:
-            lines.append(
-                f"- Read FDs against real digits, {floor['fd']:.2f} +- {floor['fd_std']:.2f} at this sample count (the"
-                f" floor and its noise band): FD differences below {2 * floor['fd_std']:.2f} are not significant"
+        for model in dict.fromkeys(cell["model"] for cell in self.cells("guiders")):
+            cells = [cell for cell in self.cells("guiders") if cell["model"] == model]
+            reference = self.guider_reference(model, cells[0]["sampler"])
+            if reference is None:
+                continue
+            limit = GUIDER_TARGET_FD_RATIO * reference["fd"]
+            prefix = (
+                f"- guider, {self.args.guidance_steps} steps, {model} ({cells[0]['sampler']}): w = 1 FD"
+                f" {reference['fd']:.2f}, class acc {100 * reference['class_accuracy']:.1f}%; target class acc >="
+                f" {100 * GUIDER_TARGET_ACCURACY:.1f}% with FD <= {limit:.2f} ({GUIDER_TARGET_FD_RATIO:g}x)"
             )
+            accurate = [cell for cell in cells if cell["class_accuracy"] >= GUIDER_TARGET_ACCURACY]
+            qualifying = [cell for cell in accurate if cell["fd"] <= limit]
+            if qualifying:
+                best = min(qualifying, key=itemgetter("fd"))
+                text = (
+                    f"{prefix}: best `{best['guider']}`, FD {best['fd']:.2f} ({best['fd'] / reference['fd']:.2f}x),"
+                    f" class acc {100 * best['class_accuracy']:.1f}%, recall {best['recall']:.3f}"
+                )
+                lines.append(harness.target_line(text, met=True))
+                continue
+            closest = min(accurate, key=itemgetter("fd")) if accurate else max(cells, key=itemgetter("class_accuracy"))
+            text = (
+                f"{prefix}: {'lowest FD at that accuracy' if accurate else 'no setting reaches it; most accurate'}"
+                f" `{closest['guider']}`, FD {closest['fd']:.2f} ({closest['fd'] / reference['fd']:.2f}x), class acc"
+                f" {100 * closest['class_accuracy']:.1f}%"
+            )
+            lines.append(harness.target_line(text, met=False))
+        return lines
+
+    def student_targets(self) -> list[str]:
+        """Per student: 4 steps vs the teacher at --teacher_steps guided steps (FD, class accuracy >= 99%), and 1 step
+        within 2x of that teacher FD."""
+        info = self.data.get("students")
+        if not info:
+            return []
+        teacher = self.cell(
+            info["teacher"], info["teacher_sampler"], self.args.teacher_steps, info["guidance"], ["students"]
+        )
+        if teacher is None:
+            return []
+        lines = []
+        reference = (
+            f"the teacher ({info['teacher']}, {info['teacher_sampler']}) at {self.args.teacher_steps} steps, w ="
+            f" {info['guidance']:g}: FD {teacher['fd']:.2f}, class acc {100 * teacher['class_accuracy']:.1f}%,"
+            f" {teacher['nfe']:g} evaluations per image"
+        )
+        for student in info["students"]:
+            cells = {cell["steps"]: cell for cell in self.cells("students") if cell["model"] == student}
+            if 4 in cells:
+                four = cells[4]
+                met = (
+                    four["fd"] <= teacher["fd"]
+                    and min(four["class_accuracy"], teacher["class_accuracy"]) >= STUDENT_TARGET_ACCURACY
+                )
+                text = (
+                    f"- {student} at 4 steps: FD {four['fd']:.2f}, class acc {100 * four['class_accuracy']:.1f}%,"
+                    f" {four['nfe']:g} evaluations per image, vs {reference} (target: FD no worse, both class acc >="
+                    f" {100 * STUDENT_TARGET_ACCURACY:.0f}%)"
+                )
+                lines.append(harness.target_line(text, met))
+            if 1 in cells:
+                one = cells[1]
+                ratio = one["fd"] / teacher["fd"]
+                text = (
+                    f"- {student} at 1 step: FD {one['fd']:.2f}, {ratio:.2f}x the teacher's {self.args.teacher_steps}"
+                    f"-step FD {teacher['fd']:.2f} (target <= {STUDENT_ONE_STEP_FD_RATIO:g}x)"
+                )
+                lines.append(harness.target_line(text, ratio <= STUDENT_ONE_STEP_FD_RATIO))
+        return lines
+
+    def targets(self) -> list[str]:
+        lines = harness.noise_band_lines(self.data["calibration"], self.args.num_samples)
         steps_low, steps_high = 10, 50
         for label, ours, stock in (
             (
@@ -413,36 +559,37 @@ class Report:
         ):
             if ours and stock:
                 ratio = ours["fd"] / stock["fd"]
-                verdict = "met" if ratio <= 0.5 else "missed"
-                lines.append(
+                text = (
                     f"- FD at {steps_low} steps, w=1, {label}: sculptdiff {ours['fd']:.2f} ({ours['sampler']}) vs stock"
-                    f" {stock['fd']:.2f} ({stock['sampler']}), ratio {ratio:.2f} (target <= 0.50): **{verdict}**"
+                    f" {stock['fd']:.2f} ({stock['sampler']}), ratio {ratio:.2f} (target <= 0.50)"
                 )
+                lines.append(harness.target_line(text, ratio <= 0.5))
         ours, stock = self.cell("sculptdiff", "DDIM", steps_high, 1.0), self.cell("stock", "DDIM", steps_high, 1.0)
         if ours and stock:
-            verdict = "met" if ours["fd"] <= stock["fd"] else "missed"
-            lines.append(
+            text = (
                 f"- FD at {steps_high} steps, w=1, DDIM: sculptdiff {ours['fd']:.2f} vs stock {stock['fd']:.2f}"
-                f" (target: no worse): **{verdict}**"
+                " (target: no worse)"
             )
+            lines.append(harness.target_line(text, ours["fd"] <= stock["fd"]))
         # the guidance sweep runs each model's own main sampler only, so the w=3 cell of a model is that sampler's
-        for cell in self.data["cells"]:
+        for cell in self.cells("steps", "guidance"):
             if cell["steps"] == self.args.guidance_steps and cell["guidance"] == 3.0:
-                verdict = "met" if cell["class_accuracy"] >= 0.97 else "missed"
-                lines.append(
+                text = (
                     f"- class accuracy, w=3, {self.args.guidance_steps} steps, {cell['model']} ({cell['sampler']}):"
-                    f" {100 * cell['class_accuracy']:.1f}% (target >= 97%): **{verdict}**"
+                    f" {100 * cell['class_accuracy']:.1f}% (target >= 97%)"
                 )
+                lines.append(harness.target_line(text, cell["class_accuracy"] >= 0.97))
         flow, ddim = (
             self.cell("sculptdiff-flow", "flow euler", steps_low, 1.0),
             self.cell("sculptdiff", "DDIM", steps_high, 1.0),
         )
         if flow and ddim:
-            verdict = "met" if flow["fd"] <= ddim["fd"] else "missed"
-            lines.append(
+            text = (
                 f"- flow (euler) at {steps_low} steps, FD {flow['fd']:.2f}, vs epsilon DDIM at {steps_high} steps, FD"
-                f" {ddim['fd']:.2f} (target: no worse): **{verdict}**"
+                f" {ddim['fd']:.2f} (target: no worse)"
             )
+            lines.append(harness.target_line(text, flow["fd"] <= ddim["fd"]))
+        lines += self.guider_targets() + self.student_targets()
         return lines or ["- (no target cell measured yet)"]
 
     def markdown(self) -> str:
@@ -478,29 +625,78 @@ class Report:
                     f"| {name} | {info['parameters']:,} | {info['steps']} | {info['epochs']} | {info['seconds']:.0f} |"
                     f" {info['seconds'] / max(1, info['steps']):.3f} | {info['final_loss']:.4f} |"
                 )
-        if data["calibration"]:
-            lines += ["", "## Calibration (what the numbers mean at this sample count)", ""]
-            lines += harness.calibration_table(data["calibration"])
+        lines += harness.calibration_section(data["calibration"])
         lines += ["", "## Targets", ""] + self.targets()
-        if data["cells"]:
+        if self.cells("steps", "guidance"):
             lines += ["", "## All sets", ""]
             lines += [
                 "| model | sampler | steps | NFE | w | FD | precision | recall | class acc. | coverage | entropy | sample s |"
             ]
             lines += ["|---|---|---|---|---|---|---|---|---|---|---|---|"]
-            for c in sorted(data["cells"], key=itemgetter("model", "sampler", "guidance", "steps")):
+            for c in sorted(self.cells("steps", "guidance"), key=itemgetter("model", "sampler", "guidance", "steps")):
                 sampler = c["sampler"] + (f" (= {c['same_as']}, identical samples)" if c.get("same_as") else "")
                 lines.append(
-                    f"| {c['model']} | {sampler} | {c['steps']} | {c['nfe']} | {c['guidance']:g} | {c['fd']:.2f} |"
+                    f"| {c['model']} | {sampler} | {c['steps']} | {c['nfe']:g} | {c['guidance']:g} | {c['fd']:.2f} |"
                     f" {c['precision']:.3f} | {c['recall']:.3f} | {format_metric(c['class_accuracy'], 3)} |"
                     f" {c['class_coverage']:.2f} | {c['class_entropy']:.3f} | {c['seconds']:.0f} |"
                 )
-        lines += [""]
+        lines += self.guider_table() + self.student_table() + [""]
         if data.get("plot"):
             lines += [f"![FD vs steps]({data['plot']})", ""]
         if data.get("grid"):
             lines += [f"![samples]({data['grid']})", ""]
         return "\n".join(lines)
+
+    def guider_table(self) -> list[str]:
+        if not self.cells("guiders"):
+            return []
+        lines = [
+            "",
+            f"## Guiders ({self.args.guidance_steps} steps, each model's main sampler; SculptPipeline's `guider`)",
+            "",
+            "Each setting is the diffusers call that builds it (`pipe.register_modules(guider=...)`). `FD / w=1`:"
+            " the FD over the same model's unguided FD at this step count. NFE: denoiser evaluations per image"
+            " (guidance in an interval skips the unconditional branch outside it).",
+            "",
+            "| model | guider | NFE | FD | FD / w=1 | precision | recall | class acc. | coverage | sample s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for model in dict.fromkeys(cell["model"] for cell in self.cells("guiders")):
+            cells = [cell for cell in self.cells("guiders") if cell["model"] == model]
+            reference = self.guider_reference(model, cells[0]["sampler"])
+            rows = ([reference] if reference else []) + cells
+            for c in rows:
+                ratio = f"{c['fd'] / reference['fd']:.2f}" if reference else "n/a"
+                guider = f"`{c['guider']}`" if c["guider"] else "none (w = 1)"
+                guider += f" (= {c['same_as']}, identical samples)" if c.get("same_as") else ""
+                lines.append(
+                    f"| {c['model']} | {guider} | {c['nfe']:g} | {c['fd']:.2f} | {ratio} | {c['precision']:.3f} |"
+                    f" {c['recall']:.3f} | {format_metric(c['class_accuracy'], 3)} | {c['class_coverage']:.2f} |"
+                    f" {c['seconds']:.0f} |"
+                )
+        return lines
+
+    def student_table(self) -> list[str]:
+        if not self.cells("students"):
+            return []
+        lines = [
+            "",
+            "## Consistency-distilled students beside their teacher",
+            "",
+            "NFE: denoiser evaluations per image, counted (a guided teacher step is 2; a student step is 1, its w an"
+            f" input). images/s: whole pipeline calls on a batch of {self.args.timing_batch_size}, median of 3 after a"
+            " warm-up call.",
+            "",
+            "| model | sampler | steps | w | NFE | FD | precision | recall | class acc. | coverage | images/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in sorted(self.cells("students"), key=itemgetter("model", "steps")):
+            lines.append(
+                f"| {c['model']} | {c['sampler']} | {c['steps']} | {c['guidance']:g} | {c['nfe']:g} | {c['fd']:.2f} |"
+                f" {c['precision']:.3f} | {c['recall']:.3f} | {format_metric(c['class_accuracy'], 3)} |"
+                f" {c['class_coverage']:.2f} | {c['images_per_second']:.1f} |"
+            )
+        return lines
 
     def save(self):
         harness.write_results(self.base, self.markdown(), self.data)
@@ -513,7 +709,7 @@ class Report:
 
         figure, axis = plt.subplots(figsize=(7, 4.5))
         series = {}
-        for c in self.data["cells"]:
+        for c in self.cells("steps", "guidance"):
             if c["guidance"] == 1.0:
                 series.setdefault(f"{c['model']} / {c['sampler']}", []).append((c["steps"], c["fd"]))
         for name, points in sorted(series.items()):
@@ -561,37 +757,61 @@ class Report:
         self.data["grid"] = path.name
 
 
-def sampling_plan(args: argparse.Namespace, runs: list[Run]) -> list[tuple[Run, Sampler, int, float]]:
-    """All (model, sampler, steps, guidance) sets, the ones the targets read first, then cheap before expensive."""
+def sampling_plan(
+    args: argparse.Namespace,
+    runs: list[harness.DiffusionRun],
+    students: list[tuple[harness.DiffusionRun, Sampler]],
+    teacher: tuple[harness.DiffusionRun, Sampler] | None,
+) -> list[Job]:
+    """All scored sets, the ones the targets read first, then cheap before expensive."""
     samplers = {run.name: samplers_for(run) for run in runs}
-    cells = []
+    guiders = [parse_guider(spec) for spec in args.guiders]
+    jobs = []
     for run in runs:
         main = next(sampler for sampler in samplers[run.name] if sampler.guided_default)
-        for sampler in samplers[run.name]:
-            for steps in args.steps:
-                cells.append((run, sampler, steps, 1.0))
+        if args.step_sweep:
+            for sampler in samplers[run.name]:
+                for steps in args.steps:
+                    jobs.append(Job(run, sampler, steps))
+        if not args.step_sweep or args.guidance_steps not in args.steps:
+            # the unguided baseline of the guider target and of the guidance sweep
+            jobs.append(Job(run, main, args.guidance_steps))
         for scale in args.guidance_scales:
             if scale != 1.0:
-                cells.append((run, main, args.guidance_steps, scale))
+                jobs.append(Job(run, main, args.guidance_steps, scale, sweep="guidance"))
+        for guider in guiders:
+            jobs.append(Job(run, main, args.guidance_steps, None, guider, sweep="guiders"))
     if args.samplers is not None:
-        cells = [cell for cell in cells if cell[1].name in args.samplers]
+        jobs = [job for job in jobs if job.sampler.name in args.samplers]
+    if students:
+        # the teacher at the students' step counts and at its own guided reference step count, then the students
+        teacher_run, teacher_sampler = teacher
+        for steps in sorted({*args.student_steps, args.teacher_steps}):
+            jobs.append(
+                Job(teacher_run, teacher_sampler, steps, args.student_guidance_scale, sweep="students", timed=True)
+            )
+        for run, sampler in students:
+            for steps in args.student_steps:
+                jobs.append(Job(run, sampler, steps, args.student_guidance_scale, sweep="students", timed=True))
 
-    def priority(cell):
-        run, sampler, steps, scale = cell
-        is_main = sampler.guided_default
+    def priority(job: Job):
+        is_main = job.sampler.guided_default
         target = (
-            (is_main and steps in (10, 50) and scale == 1.0)
-            or (is_main and scale == 3.0)
-            or (sampler.name.startswith("ours") and steps == 10)
+            (is_main and job.steps in (10, 50) and job.guidance == 1.0 and job.guider is None)
+            or (is_main and job.guidance == 3.0 and job.sweep == "guidance")
+            or (job.sampler.name.startswith("ours") and job.steps == 10 and job.guider is None)
         )
+        # a guidance-distilled student takes w as an input: one pass per step
+        distilled = job.run.model.config.get("time_cond_proj_dim") is not None
+        guided = job.guider is not None or (job.guidance != 1.0 and not distilled)
         # identical-sample checks (ours vs DDIM) cost only a probe: early is cheap
-        cost = steps * (2 if scale > 1 else 1) * (2 if "heun" in sampler.name else 1)
+        cost = job.steps * (2 if guided else 1) * (2 if "heun" in job.sampler.name else 1)
         return (0 if target else 1, cost)
 
-    return sorted(cells, key=priority)
+    return sorted(jobs, key=priority)
 
 
-def load_runs(args: argparse.Namespace) -> list[Run]:
+def load_runs(args: argparse.Namespace) -> list[harness.DiffusionRun]:
     """The EMA models and training schedulers a previous run saved (`--from_models`)."""
     folder = Path(args.from_models)
     entries = [("sculptdiff", SculptScheduler, "epsilon"), ("stock", DDPMScheduler, "epsilon")]
@@ -609,11 +829,37 @@ def load_runs(args: argparse.Namespace) -> list[Run]:
             model = SculptUNet2DModel.from_pretrained(folder / name)
         model.eval().requires_grad_(False)
         scheduler = scheduler_class.from_pretrained(folder / name, subfolder="scheduler")
-        runs.append(Run(name, model, scheduler, objective, drop_labels_in_loop=name == "stock"))
+        runs.append(scored_run(name, model, scheduler, objective))
     return runs
 
 
-def train_runs(args, report: Report, stamp: str, log) -> list[Run]:
+def load_pipeline_run(folder: str, name: str, argument: str) -> tuple[harness.DiffusionRun, Sampler]:
+    """A saved SculptPipeline (`--student`, `--teacher`) as a model to score, sampled with the pipeline's own
+    scheduler."""
+    if not (Path(folder) / "model_index.json").is_file():
+        raise ValueError(f"{argument} {folder} is not a saved pipeline folder (it has no model_index.json).")
+    pipeline = SculptPipeline.from_pretrained(folder)
+    model = pipeline.denoiser.eval().requires_grad_(False)
+    objective = "flow" if model.config.get("prediction_type") == "flow" else "epsilon"
+    run = scored_run(name, model, pipeline.scheduler, objective)
+    return run, Sampler(type(pipeline.scheduler).__name__, pipeline.scheduler, True)
+
+
+def load_students(args: argparse.Namespace) -> list[tuple[harness.DiffusionRun, Sampler]]:
+    students = []
+    for folder in args.student:
+        run, sampler = load_pipeline_run(folder, f"student {Path(folder).resolve().name}", "--student")
+        # the student guides itself through its w input; a plain model would be scored at w = 1 without saying so
+        if run.model.config.get("time_cond_proj_dim") is None:
+            raise ValueError(
+                f"--student {folder}: its {type(run.model).__name__} has no `time_cond_proj_dim` (the guidance-scale"
+                " input of a consistency-distilled student); pass the folder distill_sculpt.py wrote."
+            )
+        students.append((run, sampler))
+    return students
+
+
+def train_runs(args, report: Report, stamp: str, log) -> list[harness.DiffusionRun]:
     """Build, train (interleaved, equal budgets) and save the models; their EMA weights are what samples."""
     runs = build_runs(args)
     budget = args.train_minutes * 60
@@ -621,18 +867,17 @@ def train_runs(args, report: Report, stamp: str, log) -> list[Run]:
         f"training {', '.join(f'{r.name} ({sum(p.numel() for p in r.model.parameters()):,} params)' for r in runs)}"
         f" for {budget:.0f} s each, interleaved"
     )
-    train_interleaved(runs, budget, log)
+    harness.train_interleaved(runs, budget, log)
     report.data["load"]["after training"] = os.getloadavg()
     model_dir = Path(args.model_dir or Path(os.environ.get("TMPDIR", "/tmp")) / f"sculptdiff-bench-quality-{stamp}")
     for run in runs:
-        run.ema.copy_to(run.model.parameters())
-        run.model.eval().requires_grad_(False)
+        run.finish()
         report.data["training"][run.name] = {
             "parameters": sum(p.numel() for p in run.model.parameters()),
             "steps": run.steps,
             "epochs": run.epochs,
             "seconds": run.seconds,
-            "final_loss": float(np.mean(run.losses[-100:])),
+            "final_loss": harness.mean_of_last(run.losses, 100),
         }
         run.model.save_pretrained(model_dir / run.name)
         run.noise_scheduler.save_pretrained(model_dir / run.name / "scheduler")
@@ -685,45 +930,76 @@ def main(args: argparse.Namespace):
     else:
         runs = train_runs(args, report, stamp, log)
 
-    # 3. sample and score, in priority order; identical samplers (probe of 10 images) reuse the measured set
+    # 3. sample and score, in priority order; a set whose 10-image probe is identical to a measured set's (same
+    # model: SculptScheduler eta=0 and DDIM, the CFG guider and the built-in CFG) reuses it
+    students = load_students(args)
+    teacher = None
+    if students:
+        if args.teacher:
+            teacher = load_pipeline_run(args.teacher, f"teacher {Path(args.teacher).resolve().name}", "--teacher")
+        else:
+            sculpt = next(run for run in runs if run.name == "sculptdiff")
+            teacher = (sculpt, next(sampler for sampler in samplers_for(sculpt) if sampler.guided_default))
+        report.data["students"] = {
+            "teacher": teacher[0].name,
+            "teacher_sampler": teacher[1].name,
+            "students": [run.name for run, _ in students],
+            "guidance": args.student_guidance_scale,
+        }
     class_labels = torch.arange(args.num_samples) % NUM_CLASSES
     probe_labels = torch.arange(NUM_CLASSES)
-    probes = {}
+    probes = []
     grids = {}
     grid_scale = 3.0 if 3.0 in args.guidance_scales else max(args.guidance_scales)
-    for run, sampler, steps, scale in sampling_plan(args, runs):
-        probe, _ = sample(run.model, sampler.scheduler, probe_labels, steps, scale, args.seed)
-        probes[(run.name, sampler.name, steps, scale)] = probe
-        same_as = None
-        for (name, other, other_steps, other_scale), other_probe in probes.items():
-            if (name, other_steps, other_scale) == (run.name, steps, scale) and other != sampler.name:
-                if report.cell(run.name, other, steps, scale) and (probe - other_probe).abs().max() < 1e-4:
-                    same_as = other
-                    break
-        if same_as is not None:
-            cell = {**report.cell(run.name, same_as, steps, scale), "sampler": sampler.name, "same_as": same_as}
-            report.data["cells"].append(cell)
-            report.save()
-            log(f"{run.name} / {sampler.name} / {steps} steps / w={scale:g}: identical to {same_as}, reused")
-            continue
-        start = time.perf_counter()
-        images, nfe = sample(run.model, sampler.scheduler, class_labels, steps, scale, args.seed)
-        seconds = time.perf_counter() - start
-        metrics = evaluator.evaluate(images, class_labels)
-        cell = {"model": run.name, "sampler": sampler.name, "steps": steps, "guidance": scale, "nfe": nfe}
-        cell.update(metrics)
-        cell["seconds"] = seconds
-        report.data["cells"].append(cell)
-        if sampler.guided_default and steps == args.guidance_steps and scale == grid_scale:
-            order = torch.argsort(class_labels[:100], stable=True)
-            grids[run.name] = images[:100][order]
-            report.grid(grids, f"{args.guidance_steps} steps, w={grid_scale:g}, main sampler; one row per class (0-9)")
-        report.save()
-        log(
-            f"{run.name} / {sampler.name} / {steps} steps / w={scale:g}: FD {metrics['fd']:.2f}, precision"
-            f" {metrics['precision']:.3f}, recall {metrics['recall']:.3f}, class acc {metrics['class_accuracy']:.3f}"
-            f" ({seconds:.0f} s, load {os.getloadavg()[0]:.1f})"
+    for job in sampling_plan(args, runs, students, teacher):
+        fields = {
+            "model": job.run.name,
+            "sampler": job.sampler.name,
+            "steps": job.steps,
+            "guidance": job.guidance,
+            "guider": job.guider.spec if job.guider else None,
+            "sweep": job.sweep,
+        }
+        probe, _ = sample_job(job, probe_labels, args.seed)
+        same_as = next(
+            (
+                (other, cell)
+                for other, other_probe, cell in probes
+                if other.run is job.run and (probe - other_probe).abs().max() < 1e-4
+            ),
+            None,
         )
+        if same_as is not None:
+            other, cell = same_as
+            cell = {**cell, **fields, "same_as": other.describe()}
+            log(f"{job.describe()}: identical to {other.describe()}, reused")
+        else:
+            start = time.perf_counter()
+            images, nfe = sample_job(job, class_labels, args.seed)
+            seconds = time.perf_counter() - start
+            metrics = evaluator.evaluate(images, class_labels)
+            cell = {**fields, "nfe": nfe, **metrics, "seconds": seconds}
+            if (
+                job.sampler.guided_default
+                and job.sweep in ("steps", "guidance")
+                and (job.steps, job.guidance) == (args.guidance_steps, grid_scale)
+            ):
+                order = torch.argsort(class_labels[:100], stable=True)
+                grids[job.run.name] = images[:100][order]
+                report.grid(
+                    grids, f"{args.guidance_steps} steps, w={grid_scale:g}, main sampler; one row per class (0-9)"
+                )
+            log(
+                f"{job.describe()}: FD {metrics['fd']:.2f}, precision {metrics['precision']:.3f}, recall"
+                f" {metrics['recall']:.3f}, class acc {metrics['class_accuracy']:.3f}, {nfe:g} evaluations per image"
+                f" ({seconds:.0f} s, load {os.getloadavg()[0]:.1f})"
+            )
+        if job.timed:
+            cell["images_per_second"] = images_per_second(job, args.timing_batch_size, args.seed)
+            log(f"{job.describe()}: {cell['images_per_second']:.1f} images/s at batch {args.timing_batch_size}")
+        probes.append((job, probe, cell))
+        report.data["cells"].append(cell)
+        report.save()
         report.plot()
     report.data["load"]["end"] = os.getloadavg()
     report.data["status"] = f"complete ({(time.monotonic() - started) / 60:.0f} min)"

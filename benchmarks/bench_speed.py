@@ -39,38 +39,18 @@ from harness import NUM_CLASSES
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    parser = harness.BenchmarkParser(
+        __doc__.split("\n\n")[0],
+        results="speed-<date>.md/.json",
+        quick={"steps": 2, "warmup_steps": 1, "rounds": 1},
     )
-    parser.add_argument(
-        "--batch_size", type=int, default=64, help="Batch size of training and of (unguided) sampling."
-    )
+    parser.add_count("batch_size", 64, "Batch size of training and of (unguided) sampling.")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[16, 32], help="Image sides to measure.")
-    parser.add_argument("--steps", type=int, default=20, help="Measured steps per configuration (after warm-up).")
+    parser.add_count("steps", 20, "Measured steps per configuration (after warm-up).")
     parser.add_argument("--warmup_steps", type=int, default=3, help="Unmeasured steps before timing.")
-    parser.add_argument(
-        "--rounds", type=int, default=2, help="Rounds over all configurations (alternating models); medians reported."
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch intra-op threads in the workers (default: torch's choice; 1 on a loaded shared machine).",
-    )
-    parser.add_argument(
-        "--output_dir",
-        type=str,
-        default=str(harness.RESULTS_DIR),
-        help="Where speed-<date>.md/.json are written.",
-    )
-    parser.add_argument("--quick", action="store_true", help="Smoke test: 2 measured steps, 1 warm-up, 1 round.")
+    parser.add_count("rounds", 2, "Rounds over all configurations (alternating models); medians reported.")
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(input_args)
-    if args.quick:
-        args.steps, args.warmup_steps, args.rounds = 2, 1, 1
-    for flag in ("batch_size", "steps", "rounds"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
     if args.warmup_steps < 1:
         raise ValueError(
             f"--warmup_steps must be >= 1 (the first sampling step holds the pipeline's set-up), got"
@@ -205,12 +185,7 @@ def markdown(args: argparse.Namespace, info: dict, results: list[dict]) -> str:
 
 
 def main(args: argparse.Namespace):
-    info = {
-        "date": harness.utc_now(),
-        "command": harness.command_line(),
-        "machine": harness.machine_info(),
-        "load": {"start": os.getloadavg()},
-    }
+    info = harness.results_header(args)
     results = []
     for round_index in range(args.rounds):
         # alternate which model goes first, so neither always runs in the same slot

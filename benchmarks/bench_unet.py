@@ -41,25 +41,16 @@ from sculptdiff.models.unet_sculpt import SculptUNet2DModel
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.BenchmarkParser(
+        __doc__.splitlines()[0],
+        results="unet-<date>.md",
+        quick={"batch_size": 8, "resolutions": [16], "repeats": 1},
+        seed="Seed for the weights and inputs.",
+    )
     parser.add_argument("--batch_size", type=int, default=64, help="Images per forward pass.")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[16, 32], help="Square input sizes to time.")
     parser.add_argument("--repeats", type=int, default=5, help="Timed repetitions per measurement (median reported).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed for the weights and inputs.")
-    parser.add_argument(
-        "--num_threads",
-        type=int,
-        default=None,
-        help="torch intra-op threads (default: torch's default, one per core). 1 is less sensitive to other load.",
-    )
-    parser.add_argument(
-        "--output_dir", type=str, default=str(harness.RESULTS_DIR), help="Where unet-<date>.md is written."
-    )
-    parser.add_argument("--quick", action="store_true", help="Smoke test: batch 8, 16 px only, 1 repetition.")
-    args = parser.parse_args()
-    if args.quick:
-        args.batch_size, args.resolutions, args.repeats = 8, [16], 1
-    return args
+    return parser.parse_args()
 
 
 def build_stock_unet() -> UNet2DModel:
@@ -96,8 +87,8 @@ def time_forward_backward(model: torch.nn.Module, sample: torch.Tensor, timestep
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.num_threads is not None:
-        torch.set_num_threads(args.num_threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     models = {"UNet2DModel (diffusers)": build_stock_unet(), "SculptUNet2DModel": build_sculpt_unet()}
     loads = {"start": os.getloadavg()}
