@@ -31,7 +31,7 @@ from diffusers.utils import make_image_grid
 from sculptdiff.pipelines.sculpt.pipeline_sculpt import DIFFUSION_PREDICTION_TYPES, SculptPipeline
 from sculptdiff.training import arguments, checkpointing, data, optimization, publish, runtime, validation
 from sculptdiff.training.atomic_files import save_image, write_text
-from sculptdiff.training.card import SAMPLE_GRID_NAME, DistillationRun, build_distilled_model_card
+from sculptdiff.training.card import SAMPLE_GRID_NAME, TrainingRun, build_distilled_model_card
 from sculptdiff.training.guard import DivergenceGuard
 from sculptdiff.training.recipe import RECIPE, build_ema
 
@@ -592,16 +592,8 @@ def main(args: argparse.Namespace):
         card = build_distilled_model_card(
             args,
             pipeline,
-            DistillationRun(
-                teacher=args.teacher,
-                num_train_samples=len(dataset),
-                training_steps=global_step,
-                train_seconds=train_seconds,
-                total_batch_size=total_batch_size,
-                num_processes=accelerator.num_processes,
-                device_type=accelerator.device.type,
-                resumed_from_step=resume.step if resume is not None else 0,
-                validation_prompts=prompts,
+            TrainingRun.finished(
+                accelerator, args, len(dataset), global_step, train_seconds, resume, validation_prompts=prompts
             ),
         )
         write_text(os.path.join(args.output_dir, "README.md"), str(card))

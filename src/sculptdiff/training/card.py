@@ -340,40 +340,13 @@ def _public_value(value):
     return _public_name(value) if isinstance(value, str) else value
 
 
-@dataclass
-class DistillationRun:
-    """What a finished distillation run (`distill_sculpt.py`) measured, for the student's model card.
-
-    Args:
-        teacher: the `--teacher` pipeline (a Hub id, or a local folder, shown by its name).
-        num_train_samples: images in the distillation set.
-        training_steps: optimisation steps at the end of the run (counting those before a resume).
-        train_seconds: wall-clock time of the distillation loop of this process.
-        total_batch_size: images per optimisation step over all processes and accumulation steps.
-        num_processes: `accelerator.num_processes`.
-        device_type: `accelerator.device.type`.
-        resumed_from_step: the step the run resumed from (0 for a fresh run).
-        validation_prompts: the prompts of the sample grid (text models).
-    """
-
-    teacher: str
-    num_train_samples: int
-    training_steps: int
-    train_seconds: float
-    total_batch_size: int
-    num_processes: int
-    device_type: str
-    resumed_from_step: int = 0
-    validation_prompts: list[str] | None = None
-
-
-def build_distilled_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: DistillationRun) -> ModelCard:
+def build_distilled_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: TrainingRun) -> ModelCard:
     """The model card (README.md) of a latent-consistency-distilled student: its teacher, the guidance range it
     learned, its sample grid at 1/2/4 steps and a 4-step snippet, rendered from `args.model_card_template`.
 
     Args:
         args: the distillation's arguments; read: `output_dir`, `push_to_hub`, `hub_model_id`, `dataset_name`,
-            `train_data_dir`, `model_card_template`, `w_min`, `w_max`, `num_ddim_timesteps`, `loss_type`,
+            `train_data_dir`, `teacher`, `model_card_template`, `w_min`, `w_max`, `num_ddim_timesteps`, `loss_type`,
             `timestep_scaling_factor`, `ema_decay`, `time_cond_proj_dim`, `learning_rate`, `lr_scheduler`,
             `max_train_steps`, `seed`, `validation_inference_steps`, `validation_guidance_scale`.
         pipeline: the saved student pipeline (its `denoiser` and `LCMScheduler`).
@@ -387,7 +360,7 @@ def build_distilled_model_card(args: argparse.Namespace, pipeline: SculptPipelin
     builtin = args.dataset_name is None and args.train_data_dir is None
     dataset_name = DIGITS_DATASET_NAME if builtin else args.dataset_name or args.train_data_dir
     hyperparameters = {
-        "teacher": _public_name(run.teacher),
+        "teacher": _public_name(args.teacher),
         "prediction_type": denoiser_config.prediction_type,
         "w range (guidance_scale)": f"[{args.w_min}, {args.w_max}]",
         "num_ddim_timesteps": args.num_ddim_timesteps,
@@ -410,14 +383,14 @@ def build_distilled_model_card(args: argparse.Namespace, pipeline: SculptPipelin
     card_data = ModelCardData(
         pipeline_tag=pipeline_tag,
         license="apache-2.0",
-        base_model=run.teacher if _is_repo_id(run.teacher) else None,
+        base_model=args.teacher if _is_repo_id(args.teacher) else None,
         datasets=[dataset_name] if not builtin and _is_repo_id(dataset_name) else None,
     )
     card = ModelCard.from_template(
         card_data,
         template_path=args.model_card_template,
         model_id=hub_repo_id(args) if args.push_to_hub else str(Path(args.output_dir).resolve()),
-        teacher=_public_name(run.teacher),
+        teacher=_public_name(args.teacher),
         denoiser_class=type(pipeline.denoiser).__name__,
         conditioning=conditioning,
         class_names=names,
