@@ -5,7 +5,7 @@
     python benchmarks/bench_backbones.py --threads 1             # 8 minutes of training per model, 500 samples
     python benchmarks/bench_backbones.py --threads 1 --quick     # the whole path in a few minutes
 
-Four class-conditional denoisers, two sizes per family (`BACKBONES`): the recipe's U-Net and DiT
+Four class-conditional denoisers, two sizes per family (`DEFAULT_BACKBONES`): the recipe's U-Net and DiT
 (`sculptdiff.training.recipe`, what `train_sculpt.py --model_type unet|dit` builds) and a smaller one of each. All
 train in this process on the digits' train split with the same data order, noise draws, objective (the recipe's
 epsilon on its cosine schedule), batch, optimiser, learning-rate schedule, clipping, EMA and initialisation seed, for
@@ -65,13 +65,21 @@ TARGET_PEAK_FRACTION = 0.5
 # side of the square fp32 matrices whose product measures the machine's matmul peak
 MATMUL_SIZE = 2048
 
-# name -> (family, shape overrides of the recipe's config); "M" is the recipe's own model of that family
+# name -> (family, shape overrides of the recipe's config, learning-rate overrides of the recipe); "M" is the
+# recipe's own model of that family
 BACKBONES = {
-    "U-Net S": ("U-Net", {"block_out_channels": (16, 32, 32), "attention_head_dim": 16}),
-    "U-Net M": ("U-Net", {}),
-    "DiT S": ("DiT", {"num_attention_heads": 4}),
-    "DiT M": ("DiT", {}),
+    "U-Net S": ("U-Net", {"block_out_channels": (16, 32, 32), "attention_head_dim": 16}, {}),
+    "U-Net M": ("U-Net", {}, {}),
+    "DiT S": ("DiT", {"num_attention_heads": 4}, {}),
+    "DiT M": ("DiT", {}, {}),
+    # the DiT recipe probe (`--backbones "U-Net M" "DiT M" "DiT M, lr 3e-4" ...`): is the DiT's gap its learning
+    # rate, its 2x2 patches or its depth?
+    "DiT M, lr 3e-4": ("DiT", {}, {"learning_rate": 3e-4}),
+    "DiT M, lr 2e-3": ("DiT", {}, {"learning_rate": 2e-3, "lr_warmup_steps": 500}),
+    "DiT patch 1": ("DiT", {"patch_size": 1, "num_attention_heads": 4, "num_layers": 4}, {}),
+    "DiT deep": ("DiT", {"num_attention_heads": 4, "num_layers": 12}, {}),
 }
+DEFAULT_BACKBONES = ["U-Net S", "U-Net M", "DiT S", "DiT M"]
 FAMILY_BUILDERS = {"U-Net": harness.build_sculpt_digits_unet, "DiT": harness.build_sculpt_digits_dit}
 
 
@@ -100,12 +108,22 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             " scaling points besides the final model)."
         ),
     )
+    parser.add_argument(
+        "--backbones",
+        type=str,
+        nargs="+",
+        default=DEFAULT_BACKBONES,
+        choices=list(BACKBONES),
+        help="The models to train (`BACKBONES`); the default is the four of the comparison, the others probe the DiT.",
+    )
     parser.add_count(
         "efficiency_steps",
         5,
         "Timed forward + backward passes per model and round (the efficiency's diagnostic column).",
     )
     args = parser.parse_args(input_args)
+    if {"U-Net", "DiT"} - {BACKBONES[name][0] for name in args.backbones}:
+        raise ValueError(f"--backbones must include a U-Net and a DiT (the comparison), got {args.backbones}.")
     if TARGET_STEPS not in args.steps or min(args.steps) < 1:
         raise ValueError(
             f"--steps must be >= 1 and include {TARGET_STEPS} (the target's step count), got {args.steps}."
@@ -197,10 +215,13 @@ def build_runs(args: argparse.Namespace, noise_scheduler) -> list[BackboneRun]:
     """The four backbones with the same initialisation seed, data order, noise draws, optimiser and EMA."""
     dataset = harness.digits_train_dataset(RESOLUTION)
     runs = []
-    for name, (family, shape) in BACKBONES.items():
+    for name in args.backbones:
+        family, shape, schedule = BACKBONES[name]
         torch.manual_seed(args.seed)
         model = FAMILY_BUILDERS[family](RESOLUTION, **shape)
-        run = harness.build_diffusion_run(name, model, noise_scheduler, RECIPE.prediction_type, dataset, args.seed)
+        run = harness.build_diffusion_run(
+            name, model, noise_scheduler, RECIPE.prediction_type, dataset, args.seed, **schedule
+        )
         batch = next(iter(run.dataloader))
         runs.append(
             BackboneRun(
@@ -349,7 +370,7 @@ class Report:
         if data["models"]:
             lines += ["", "## Models and training (same budget, data, objective, batch, EMA, seed)", ""]
             lines += harness.table_header(
-                "model | family | shape (over the recipe's) | parameters | train GFLOP/image | steps | epochs | s/step"
+                "model | family | changes (over the recipe's) | parameters | train GFLOP/image | steps | epochs | s/step"
                 " | training FLOPs | loss (last 100)"
             )
             for name, info in data["models"].items():
@@ -453,7 +474,7 @@ class Report:
 
         figure, (by_steps, by_flops) = plt.subplots(1, 2, figsize=(11, 4.5))
         floor = self.data["calibration"].get("real train digits (floor)")
-        colours = {name: f"C{index}" for index, name in enumerate(BACKBONES)}
+        colours = {name: f"C{index}" for index, name in enumerate(self.args.backbones)}
         for name in self.data["models"]:
             finals = sorted((cell["steps"], cell["fd"]) for cell in self.cells(name, fraction=1.0, guidance=1.0))
             if finals:
@@ -537,7 +558,7 @@ def main(args: argparse.Namespace):
             "family": run.family,
             "shape": {
                 key: list(value) if isinstance(value, tuple) else value
-                for key, value in BACKBONES[run.name][1].items()
+                for key, value in {**BACKBONES[run.name][1], **BACKBONES[run.name][2]}.items()
             },
             "parameters": sum(parameter.numel() for parameter in run.model.parameters()),
             "flops_per_step": run.flops_per_step,

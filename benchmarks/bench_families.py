@@ -17,15 +17,17 @@ Rows (families):
 - `GAN`: the class-conditional DCGAN of `gan.py` (spectral norm, projection discriminator, hinge loss, EMA generator),
   with the settings `--tune_gan` picked;
 - `VAE`: diffusers' AutoencoderKL trained by `training_scripts/train_vae.py` (a subprocess, `accelerate launch`, a
-  step budget `--vae_steps`: the script has no clock), sampled by decoding z ~ N(0, I);
+  step budget `--vae_steps`: the script has no clock) with squared error and the KL weight `--vae_kl_scale`, sampled
+  by decoding z ~ N(0, I);
 - `diffusion U-Net`, `diffusion DiT`: the recipe's U-Net and DiT (`sculptdiff.training.recipe`), epsilon objective,
-  sampled at each of `--steps` with DPM-Solver++ with dynamic thresholding, the best sampler of the quality benchmark
-  at 10 steps (results/quality-2026-12-01.md);
-- `flow matching`: the recipe's U-Net with the rectified-flow objective, SculptFlowScheduler euler;
-- `latent diffusion`: the recipe's U-Net on the VAE's latents (scaled by its scaling_factor), sampled through
-  SculptPipeline with that VAE (SculptScheduler, no clipping of latents);
-- `consistency student` (when training_scripts/distill_sculpt.py exists and `--distill_steps` > 0): the U-Net
-  distilled by that script (a subprocess), sampled in 1 and 4 steps.
+  sampled with DPM-Solver++ with dynamic thresholding, the best sampler of the quality benchmark at 10 steps
+  (results/quality-2026-12-01.md), the U-Net at each of `--steps`, the DiT at each of `--other_steps`;
+- `flow matching`: the recipe's U-Net with the rectified-flow objective, SculptFlowScheduler euler (`--other_steps`);
+- `latent diffusion`: the recipe's U-Net on the latents (scaled by their scaling_factor) of a second autoencoder,
+  train_vae.py's default (latent diffusion's KL weight 1e-6), sampled through SculptPipeline with it (SculptScheduler,
+  no clipping of latents; `--other_steps`);
+- `consistency student` (when `--distill_steps` > 0): the U-Net distilled by distill_sculpt.py (a subprocess),
+  sampled in 1 and 4 steps.
 
 The GAN and the diffusion models train in this process, interleaved one step each with their own clocks (the load of
 other jobs then falls on all alike), each step the package's (`harness.DiffusionRun`: `diffusion_loss`, clipping,
@@ -88,6 +90,11 @@ CONDITIONAL_FLOOR = "real train digits (floor)"
 VAE_SCRIPT = harness.REPO_ROOT / "training_scripts" / "train_vae.py"
 DISTILL_SCRIPT = harness.REPO_ROOT / "training_scripts" / "distill_sculpt.py"
 STUDENT_STEPS = (1, 4)
+# the VAE generator's KL weight against the summed squared error (the ELBO of a Gaussian decoder of std sigma weighs
+# it 2 sigma^2). Measured, `--families vae --seeds 1 --vae_kl_scale K` (1500 steps, unconditional FD of decodes of
+# z ~ N(0, I), 500 samples, floor 8.6): K = 0.01: 190; 0.05: 117; 0.2: 92; 1: 79; 3: 157; 10: 2442 (posterior
+# collapse: one blob). train_vae.py's 1e-6 decodes no digits at all.
+VAE_KL_SCALE = 1.0
 # the seeds' table, as written there (translated), per trait and family
 SEED_CLAIMS = {
     "quality": {"GAN": "very high, sharp", "VAE": "average, blurry", "diffusion": "very high, fine detail"},
@@ -106,6 +113,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
             "seeds": 1,
             "num_samples": 100,
             "steps": [10],
+            "other_steps": [10],
             "vae_steps": 30,
             "distill_steps": 10,
         },
@@ -116,7 +124,17 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_count("seeds", 3, "Training runs per model (seeds 0, 1, ...).")
     parser.add_argument("--num_samples", type=int, default=500, help="Images per scored set.")
     parser.add_argument(
-        "--steps", type=int, nargs="+", default=[10, 50], help="Sampling steps of the diffusion and flow rows."
+        "--steps", type=int, nargs="+", default=[10, 50], help="Sampling steps of the diffusion U-Net's rows."
+    )
+    parser.add_argument(
+        "--other_steps",
+        type=int,
+        nargs="+",
+        default=[10],
+        help=(
+            "Sampling steps of the DiT, flow-matching and latent rows (the U-Net's rows show what more steps buy; a"
+            " 50-step row costs 5x the sampling time of a 10-step one)."
+        ),
     )
     parser.add_argument(
         "--vae_steps",
@@ -125,6 +143,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help=(
             "Training steps of train_vae.py (a step budget: the script has no clock; 1500 is its own default); its"
             " time is reported."
+        ),
+    )
+    parser.add_argument(
+        "--vae_kl_scale",
+        type=float,
+        default=VAE_KL_SCALE,
+        help=(
+            "KL weight (train_vae.py's --kl_scale, with --rec_loss l2) of the VAE generator; the latent-diffusion"
+            " autoencoder keeps train_vae.py's default 1e-6."
         ),
     )
     parser.add_argument(
@@ -159,8 +186,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--budget_minutes must be > 0, got {args.budget_minutes}.")
     if args.num_samples < 20:
         raise ValueError(f"--num_samples must be >= 20 (k-NN and covariances need samples), got {args.num_samples}.")
-    if any(steps < 1 for steps in args.steps) or args.vae_steps < 1 or args.distill_steps < 0:
-        raise ValueError("--steps and --vae_steps must be >= 1, --distill_steps >= 0.")
+    if min(args.steps + args.other_steps) < 1 or args.vae_steps < 1 or args.distill_steps < 0:
+        raise ValueError("--steps, --other_steps and --vae_steps must be >= 1, --distill_steps >= 0.")
     return args
 
 
@@ -312,18 +339,23 @@ def train_seed(args, seed: int, work_dir: Path, data_dir: Path, notes: list[str]
     families = set(args.families)
     budget = args.budget_minutes * 60
     rows, runs = [], []
-    vae, vae_seconds = None, 0.0
-    if "vae" in families or "latent" in families:
-        if VAE_SCRIPT.is_file():
-            output = work_dir / f"vae-seed{seed}"
-            try:
-                vae, vae_seconds = train_vae(args, seed, output, data_dir, log)
-            except ScriptError as error:
-                notes.append(f"seed {seed}: VAE and latent diffusion rows skipped: {error}")
+    vae = None
+    # two autoencoders: a VAE is a generator only with a KL weight near the ELBO's, while latent diffusion wants
+    # latent diffusion's near-deterministic one (train_vae.py's default); one autoencoder cannot be both
+    for family, kl_scale in (("vae", args.vae_kl_scale), ("latent", None)):
+        if family not in families:
+            continue
+        try:
+            autoencoder, seconds = train_vae(
+                args, seed, work_dir / f"{family}-vae-seed{seed}", data_dir, log, kl_scale
+            )
+        except ScriptError as error:
+            notes.append(f"seed {seed}: the {family} row skipped: {error}")
+            continue
+        if family == "vae":
+            rows.append(Row("VAE", "VAE", 1, seconds, None, vae_sampler(autoencoder, args.resolution)))
         else:
-            log(f"skipping the VAE and latent diffusion rows: {VAE_SCRIPT} does not exist yet")
-        if vae is not None and "vae" in families:
-            rows.append(Row("VAE", "VAE", 1, vae_seconds, None, vae_sampler(vae, args.resolution)))
+            vae = autoencoder
 
     dataset = harness.digits_train_dataset(args.resolution)
     if "gan" in families:
@@ -366,7 +398,7 @@ def train_seed(args, seed: int, work_dir: Path, data_dir: Path, notes: list[str]
         else:
             # the quality benchmark's best at 10 steps: the plain swap fails on the recipe's cosine schedule
             scheduler = DPMSolverMultistepScheduler.from_config(config, thresholding=True, sample_max_value=1.0)
-        for steps in args.steps:
+        for steps in args.steps if run.name == "diffusion U-Net" else args.other_steps:
             # a VAE decode is one more network call per image
             calls = steps + (1 if run.vae is not None else 0)
             rows.append(
@@ -387,20 +419,21 @@ def train_seed(args, seed: int, work_dir: Path, data_dir: Path, notes: list[str]
     return rows
 
 
-def train_vae(args, seed: int, output: Path, data_dir: Path, log) -> tuple[AutoencoderKL, float]:
-    """train_vae.py on the train split (a subprocess): its AutoencoderKL and the script's wall-clock seconds."""
-    seconds = run_script(
-        VAE_SCRIPT,
-        [
-            f"--dataset_name={data_dir}",
-            f"--resolution={args.resolution}",
-            f"--max_train_steps={args.vae_steps}",
-            f"--seed={seed}",
-            f"--output_dir={output}",
-        ],
-        args.threads,
-        log,
-    )
+def train_vae(
+    args, seed: int, output: Path, data_dir: Path, log, kl_scale: float | None = None
+) -> tuple[AutoencoderKL, float]:
+    """train_vae.py on the train split (a subprocess), with `kl_scale` (None: the script's default): its AutoencoderKL
+    and the script's wall-clock seconds."""
+    arguments = [
+        f"--dataset_name={data_dir}",
+        f"--resolution={args.resolution}",
+        f"--max_train_steps={args.vae_steps}",
+        f"--seed={seed}",
+        f"--output_dir={output}",
+    ]
+    if kl_scale is not None:
+        arguments += ["--rec_loss=l2", f"--kl_scale={kl_scale}"]
+    seconds = run_script(VAE_SCRIPT, arguments, args.threads, log)
     vae = AutoencoderKL.from_pretrained(find_saved(output, "", "vae"))
     return vae.eval().requires_grad_(False), seconds
 
@@ -408,9 +441,6 @@ def train_vae(args, seed: int, output: Path, data_dir: Path, log) -> tuple[Autoe
 def distill_rows(args, seed: int, teacher: harness.DiffusionRun, work_dir: Path, data_dir: Path, log) -> list[Row]:
     """The consistency student distilled from this seed's trained U-Net by distill_sculpt.py, at 1 and 4 steps; its
     training time is the teacher's plus the distillation's."""
-    if not DISTILL_SCRIPT.is_file():
-        log(f"skipping the consistency student: {DISTILL_SCRIPT} does not exist yet")
-        return []
     teacher_dir, output = work_dir / f"teacher-seed{seed}", work_dir / f"student-seed{seed}"
     SculptPipeline(unet=teacher.model, scheduler=teacher.noise_scheduler).save_pretrained(teacher_dir)
     seconds = run_script(
@@ -719,8 +749,6 @@ def main(args: argparse.Namespace):
         "verdicts": {trait: {} for trait in SEED_CLAIMS},
         "status": "running",
     }
-    if not VAE_SCRIPT.is_file():
-        data["notes"].append(f"VAE and latent diffusion rows skipped: {VAE_SCRIPT.name} does not exist yet")
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="sculptdiff-families-"))
     data_dir = export_train_split(work_dir)
     grids = {}

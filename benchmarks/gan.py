@@ -18,16 +18,14 @@ from where:
   https://arxiv.org/abs/1806.04498 (also Karras et al. 2018, https://arxiv.org/abs/1710.10196). BatchNorm's running
   statistics are averaged too, and the EMA generator samples in eval mode.
 
-Tuning: `python benchmarks/bench_families.py --threads 1 --tune_gan --budget_minutes 5` trains every setting of
+Tuning: `python benchmarks/bench_families.py --threads 1 --tune_gan --budget_minutes 3` trains every setting of
 `TUNING_GRID` interleaved on its own clock (seed 0) and writes results/families-gan-tuning-<date>.md (FD, precision,
-recall, class accuracy, collapse per setting); `DEFAULT_SETTINGS` must be the best of that table. Measured so far
-(2026-12-02, a core shared by ~12 jobs, so budgets of 40 s of process CPU time each, constant learning rate, 500
-samples, class-conditional FD; real digits score 4.8): hinge, betas (0, 0.9), n_dis 1: FD 245.0 (269 steps);
-the same with n_dis 2: 576.0 (178 steps); non-saturating, betas (0, 0.9): 344.9 (264 steps); hinge, betas
-(0.5, 0.999): 1063.6 (275 steps); non-saturating, betas (0.5, 0.999) (DCGAN's set-up): 1453.2 (263 steps); hinge
-with TTUR learning rates G 1e-4 / D 4e-4: 694.4 (264 steps). The default, the best of the six, was far from converged
-(class accuracy 15%, all 9-15%), so this ranks the first few hundred steps only: the full-length `--tune_gan` run is
-still to be done.
+recall, class accuracy, collapse per setting); `DEFAULT_SETTINGS` must be the best of that table. Measured
+(results/families-gan-tuning-2026-12-02.md: 3 min each, the families run's budget, one otherwise idle core, 500
+samples, class-conditional FD; real digits score 4.8): hinge, betas (0, 0.9), n_dis 1 (the default): FD 96.2 (1312
+steps, class accuracy 40%); non-saturating, betas (0, 0.9): 108.3; the default with n_dis 2: 152.5 (848 steps);
+non-saturating, betas (0.5, 0.999) (DCGAN's set-up): 155.7; hinge with TTUR learning rates G 1e-4 / D 4e-4: 161.6;
+hinge, betas (0.5, 0.999): 162.4. The same best as a first 40 s probe on a loaded core.
 """
 
 import copy

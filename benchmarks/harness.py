@@ -339,6 +339,9 @@ class DiffusionRun:
     generator: torch.Generator
     drop_labels_in_loop: bool = False  # stock UNet2DModel: the loop does the null-class dropout
     vae: object = None
+    # the peak learning rate and its linear warm-up (a recipe probe may change them)
+    learning_rate: float = RECIPE.learning_rate
+    lr_warmup_steps: int = RECIPE.lr_warmup_steps
     batches: object = None
     seconds: float = 0.0
     steps: int = 0
@@ -376,10 +379,10 @@ class DiffusionRun:
         """One optimisation step. `progress` (the spent fraction of the time budget) drives the learning rate: linear
         warm-up, then cosine decay over the budget (train_sculpt.py decays over --max_train_steps, unknown under a
         time budget)."""
-        warmup = min(1.0, (self.steps + 1) / RECIPE.lr_warmup_steps)
+        warmup = min(1.0, (self.steps + 1) / self.lr_warmup_steps)
         decay = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         for group in self.optimizer.param_groups:
-            group["lr"] = RECIPE.learning_rate * warmup * decay
+            group["lr"] = self.learning_rate * warmup * decay
         batch = self.next_batch()
         class_labels = batch["class_labels"]
         if self.drop_labels_in_loop:
@@ -417,9 +420,11 @@ def build_diffusion_run(
     seed: int,
     drop_labels_in_loop: bool = False,
     vae=None,
+    **schedule,
 ) -> DiffusionRun:
-    """A `DiffusionRun` with the recipe's optimiser (AdamW), EMA and batch size. Runs built with the same seed see
-    the same batches in the same order and the same noise draws."""
+    """A `DiffusionRun` with the recipe's optimiser (AdamW), EMA and batch size; `schedule` may set its
+    `learning_rate` and `lr_warmup_steps`. Runs built with the same seed see the same batches in the same order and
+    the same noise draws."""
     model.train()
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -446,6 +451,7 @@ def build_diffusion_run(
         torch.Generator().manual_seed(seed + 1),
         drop_labels_in_loop=drop_labels_in_loop,
         vae=vae,
+        **schedule,
     )
 
 

@@ -23,6 +23,7 @@ from diffusers import (  # noqa: E402
     DiTTransformer2DModel,
     SchedulerMixin,
     StableDiffusionPipeline,
+    UNet2DConditionModel,
     UNet2DModel,
 )
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
@@ -76,6 +77,11 @@ def build_tiny_tokenizer(model_max_length: int = 16) -> PreTrainedTokenizerFast:
     )
 
 
+@pytest.fixture
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tiny_tokenizer()
+
+
 def build_tiny_text_encoder(hidden_size: int = 32) -> CLIPTextModel:
     torch.manual_seed(0)
     config = CLIPTextConfig(
@@ -90,11 +96,6 @@ def build_tiny_text_encoder(hidden_size: int = 32) -> CLIPTextModel:
         pad_token_id=0,
     )
     return CLIPTextModel(config).eval()
-
-
-@pytest.fixture
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    return build_tiny_tokenizer()
 
 
 @pytest.fixture
@@ -139,6 +140,11 @@ def build_tiny_stock_unet(**overrides) -> UNet2DModel:
     return UNet2DModel(**{**config, **overrides}).eval()
 
 
+@pytest.fixture
+def tiny_stock_unet() -> UNet2DModel:
+    return build_tiny_stock_unet()
+
+
 def build_tiny_stock_dit(**overrides) -> DiTTransformer2DModel:
     """diffusers' own DiTTransformer2DModel as DiT-XL-2 is built (4 latent channels in, 8 out: the learned
     variance), 1 block of 2 heads of 8 over 2x2 patches, 10 classes."""
@@ -158,13 +164,27 @@ def build_tiny_stock_dit(**overrides) -> DiTTransformer2DModel:
 
 
 @pytest.fixture
-def tiny_stock_unet() -> UNet2DModel:
-    return build_tiny_stock_unet()
+def tiny_stock_dit() -> DiTTransformer2DModel:
+    return build_tiny_stock_dit()
 
 
 @pytest.fixture
-def tiny_stock_dit() -> DiTTransformer2DModel:
-    return build_tiny_stock_dit()
+def tiny_stock_text_unet() -> UNet2DConditionModel:
+    """diffusers' own UNet2DConditionModel for the tiny VAE's 4 latent channels, 2 levels of 8-16 channels with
+    cross-attention (4 heads) to the tiny text encoder's 32-d states at the first."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+    ).eval()
 
 
 # What the tiny denoisers share: 8x8 grey images, 5 named classes (index 5 is the null class), the noise objective.
@@ -278,20 +298,39 @@ def build_tiny_pipeline_fixture():
     return build_tiny_pipeline
 
 
+# What a tiny denoiser conditioned on text instead of classes changes: no class table, cross-attention to the tiny
+# text encoder's 32-d states.
+TINY_TEXT_CONDITIONING = {"num_class_embeds": None, "id2label": None, "cross_attention_dim": 32}
+
+
+@pytest.fixture
+def build_tiny_text_pipeline(tiny_text_encoder, tiny_tokenizer):
+    """`build_tiny_text_pipeline(**kwargs)`: `build_tiny_pipeline(**kwargs)` conditioned on text (the tiny text
+    encoder and tokenizer, `TINY_TEXT_CONDITIONING`) instead of on classes."""
+
+    def build(**kwargs) -> SculptPipeline:
+        text = {"text_encoder": tiny_text_encoder, "tokenizer": tiny_tokenizer, **TINY_TEXT_CONDITIONING}
+        return build_tiny_pipeline(**text, **kwargs)
+
+    return build
+
+
 @pytest.fixture
 def build_stable_diffusion(tiny_tokenizer, tiny_text_encoder, tiny_vae):
-    """`build_stable_diffusion(unet)`: diffusers' own StableDiffusionPipeline, with Stable Diffusion's scheduler
-    settings and the tiny text encoder and VAE, around `unet` (4 latent channels, cross-attention width 32)."""
+    """`build_stable_diffusion(unet, scheduler=None)`: diffusers' own StableDiffusionPipeline around `unet` (4 latent
+    channels, cross-attention width 32), with the tiny text encoder and VAE and `scheduler` (by default a
+    DDIMScheduler with Stable Diffusion's settings)."""
 
-    def build(unet: torch.nn.Module) -> StableDiffusionPipeline:
-        scheduler = DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        )
+    def build(unet: torch.nn.Module, scheduler: SchedulerMixin | None = None) -> StableDiffusionPipeline:
+        if scheduler is None:
+            scheduler = DDIMScheduler(
+                beta_start=0.00085,
+                beta_end=0.012,
+                beta_schedule="scaled_linear",
+                clip_sample=False,
+                set_alpha_to_one=False,
+                steps_offset=1,
+            )
         pipeline = StableDiffusionPipeline(
             vae=tiny_vae,
             text_encoder=tiny_text_encoder,

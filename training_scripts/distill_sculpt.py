@@ -112,7 +112,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="The consistency distance: l2 (MSE) or the pseudo-Huber loss (Song & Dhariwal 2023) with --huber_c.",
     )
     group.add_argument(
-        "--huber_c", type=float, default=0.001, help="The pseudo-Huber loss parameter (only with --loss_type huber)."
+        "--huber_c",
+        type=float,
+        default=0.001,
+        help="c of the pseudo-Huber loss sqrt(d^2 + c^2) - c (only with --loss_type huber); small c approaches l1.",
     )
     group.add_argument(
         "--timestep_scaling_factor",

@@ -51,12 +51,7 @@ from sculptdiff.training.arguments import (
 )
 from sculptdiff.training.atomic_files import save_image, write_text
 from sculptdiff.training.card import BASE_SAMPLE_GRID_NAME, SAMPLE_GRID_NAME, TrainingRun, build_model_card
-from sculptdiff.training.checkpointing import (
-    register_checkpoint_hooks,
-    resume_run,
-    save_checkpoint,
-    training_batches,
-)
+from sculptdiff.training.checkpointing import register_checkpoint_hooks, resume_run, save_checkpoint, training_batches
 from sculptdiff.training.data import (
     DIGITS_CLASS_COLUMN,
     batch_latents,
@@ -294,10 +289,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         ),
     )
     parser.add_argument(
-        "--num_train_timesteps",
-        type=int,
-        default=RECIPE.num_train_timesteps,
-        help="Number of diffusion steps T of the training schedule.",
+        "--num_train_timesteps", type=int, default=RECIPE.num_train_timesteps, help="Diffusion steps T."
     )
     parser.add_argument(
         "--beta_schedule",
@@ -891,9 +883,7 @@ def main(args: argparse.Namespace):
                     # classifier-free guidance training: the empty prompt stands in for "no condition"
                     drop = torch.rand(bsz, device=latents.device) < conditioning_dropout_prob
                     encoder_hidden_states = torch.where(
-                        drop[:, None, None],
-                        null_prompt_embeds.to(encoder_hidden_states.dtype),
-                        encoder_hidden_states,
+                        drop[:, None, None], null_prompt_embeds.to(encoder_hidden_states.dtype), encoder_hidden_states
                     )
 
             # kept for the check of the final weights

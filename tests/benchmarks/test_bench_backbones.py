@@ -52,7 +52,9 @@ def test_train_step_flops_grows_with_the_batch_linearly():
 
 def test_backbones_are_the_recipes_models_and_one_smaller_of_each_family():
     sizes = {}
-    for name, (family, shape) in bench_backbones.BACKBONES.items():
+    for name in bench_backbones.DEFAULT_BACKBONES:
+        family, shape, schedule = bench_backbones.BACKBONES[name]
+        assert schedule == {}
         model = bench_backbones.FAMILY_BUILDERS[family](16, **shape)
         sizes[name] = (type(model).__name__, sum(parameter.numel() for parameter in model.parameters()))
     assert sizes == {
@@ -95,6 +97,29 @@ def test_parse_args_refuses_a_step_list_without_the_target_and_snapshots_outside
         bench_backbones.parse_args(["--snapshots", "0.5", "1.0"])
     quick = bench_backbones.parse_args(["--quick"])
     assert (quick.train_minutes, quick.num_samples, quick.steps) == (0.25, 100, [5, 10])
+    with pytest.raises(ValueError, match="--backbones must include a U-Net and a DiT"):
+        bench_backbones.parse_args(["--backbones", "DiT M", "DiT deep"])
+
+
+def test_the_dit_probe_changes_only_what_its_name_says():
+    probe = bench_backbones.BACKBONES
+    assert probe["DiT M, lr 3e-4"] == ("DiT", {}, {"learning_rate": 3e-4})
+    assert probe["DiT M, lr 2e-3"][1] == {} and probe["DiT M, lr 2e-3"][2]["learning_rate"] == 2e-3
+    assert probe["DiT patch 1"][1]["patch_size"] == 1 and probe["DiT deep"][1]["num_layers"] == 12
+    # the learning rate reaches the optimiser through the run's schedule: warm-up step 1 of 500, cosine at 0
+    torch.manual_seed(0)
+    run = harness.build_diffusion_run(
+        "probe",
+        tiny_dit(),
+        build_noise_scheduler(),
+        "epsilon",
+        harness.digits_train_dataset(8),
+        0,
+        learning_rate=2e-3,
+        lr_warmup_steps=500,
+    )
+    run.train_step(0.0)
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 / 500)
 
 
 def cell(model, family, fd, fraction=1.0, steps=10, guidance=1.0, train_flops=1e12):
@@ -112,7 +137,9 @@ def cell(model, family, fd, fraction=1.0, steps=10, guidance=1.0, train_flops=1e
 @pytest.mark.parametrize(("dit_fd", "verdict"), [(12.5, "met"), (13.0, "missed")])
 def test_verdict_compares_the_best_dit_with_the_best_unet_at_ten_steps(tmp_path, dit_fd, verdict):
     report = bench_backbones.Report(bench_backbones.parse_args(["--output_dir", str(tmp_path)]))
-    report.data["models"] = {name: {"family": family} for name, (family, _) in bench_backbones.BACKBONES.items()}
+    report.data["models"] = {
+        name: {"family": bench_backbones.BACKBONES[name][0]} for name in bench_backbones.DEFAULT_BACKBONES
+    }
     report.data["cells"] = [
         cell("U-Net S", "U-Net", 14.0),
         cell("U-Net M", "U-Net", 10.0),
@@ -143,15 +170,15 @@ def test_scaling_fit_uses_each_familys_snapshots_and_sizes(tmp_path):
 
 def test_scoring_plan_puts_the_targets_cells_first():
     args = bench_backbones.parse_args(["--steps", "5", "10", "20", "--snapshots", "0.25"])
-    runs = [SimpleNamespace(name=name) for name in bench_backbones.BACKBONES]
+    runs = [SimpleNamespace(name=name) for name in bench_backbones.DEFAULT_BACKBONES]
     plan = [
         (run.name, fraction, steps, guidance)
         for run, fraction, steps, guidance in bench_backbones.scoring_plan(args, runs)
     ]
-    assert plan[:4] == [(name, 1.0, 10, 1.0) for name in bench_backbones.BACKBONES]
-    assert plan[4:8] == [(name, 1.0, 10, 3.0) for name in bench_backbones.BACKBONES]
+    assert plan[:4] == [(name, 1.0, 10, 1.0) for name in bench_backbones.DEFAULT_BACKBONES]
+    assert plan[4:8] == [(name, 1.0, 10, 3.0) for name in bench_backbones.DEFAULT_BACKBONES]
     assert len(plan) == 4 * (3 + 1 + 1)
-    assert plan[-4:] == [(name, 0.25, 10, 1.0) for name in bench_backbones.BACKBONES]
+    assert plan[-4:] == [(name, 0.25, 10, 1.0) for name in bench_backbones.DEFAULT_BACKBONES]
 
 
 def test_backbone_run_keeps_the_ema_weights_once_when_its_clock_passes_a_snapshot_fraction():

@@ -115,8 +115,12 @@ def test_arguments_are_checked():
         bench_families.parse_args(["--budget_minutes", "0"])
     with pytest.raises(ValueError, match="--seeds"):
         bench_families.parse_args(["--seeds", "0"])
+    with pytest.raises(ValueError, match="--other_steps"):
+        bench_families.parse_args(["--other_steps", "10", "0"])
     quick = bench_families.parse_args(["--quick"])
-    assert (quick.seeds, quick.num_samples, quick.steps) == (1, 100, [10])
+    assert (quick.seeds, quick.num_samples, quick.steps, quick.other_steps) == (1, 100, [10], [10])
+    default = bench_families.parse_args([])
+    assert (default.steps, default.other_steps) == ([10, 50], [10])
 
 
 def test_harness_trains_a_gan_and_a_diffusion_model_interleaved_on_their_own_clocks():

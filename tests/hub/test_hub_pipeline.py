@@ -5,6 +5,7 @@ that nothing imported or cached by this process can help: through sculptdiff, an
 mechanism with sculptdiff made unimportable. Offline reuse then loads from the cache that process filled.
 """
 
+import inspect
 import subprocess
 import sys
 
@@ -24,10 +25,18 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:The `local_dir_use_symlinks` argument is deprecated and ignored in `hf_hub_download`:UserWarning"
 )
 
-# Loads a pipeline from the Hub (or a folder) in a fresh process and saves its images: argv = loader, repo id or
-# folder, output .npy, torch threads (the parent's, so that both processes add up in the same order); prints the
-# modules the pipeline, its denoiser and its scheduler came from.
-LOAD_AND_SAMPLE = """
+
+def sample(pipe) -> np.ndarray:
+    generator = torch.Generator().manual_seed(0)
+    return pipe(
+        class_labels=[0, 3], guidance_scale=2.0, num_inference_steps=2, generator=generator, output_type="np"
+    ).images
+
+
+# Loads a pipeline from the Hub (or a folder) in a fresh process and saves the images of `sample`, whose source it
+# runs: argv = loader, repo id or folder, output .npy, torch threads (the parent's, so that both processes add up in
+# the same order); prints the modules the pipeline, its denoiser and its scheduler came from.
+LOAD_AND_SAMPLE = f"""
 import sys
 
 loader, repo_id, output, threads = sys.argv[1:]
@@ -48,26 +57,13 @@ else:
 
     pipe = SculptPipeline.from_pretrained(repo_id)
 pipe.set_progress_bar_config(disable=True)
-images = pipe(
-    class_labels=[0, 3],
-    guidance_scale=2.0,
-    num_inference_steps=2,
-    generator=torch.Generator().manual_seed(0),
-    output_type="np",
-).images
-np.save(output, images)
+
+
+{inspect.getsource(sample)}
+
+np.save(output, sample(pipe))
 print(type(pipe).__module__, type(pipe).__name__, type(pipe.denoiser).__module__, type(pipe.scheduler).__module__)
 """
-
-
-def sample(pipe) -> np.ndarray:
-    return pipe(
-        class_labels=[0, 3],
-        guidance_scale=2.0,
-        num_inference_steps=2,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
 
 
 def load_and_sample_in_fresh_process(hub, tmp_path, loader: str, repo_id: str) -> tuple[np.ndarray, str]:

@@ -16,7 +16,7 @@ from hub_server import HubServer
 from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
 from safetensors.torch import load_file
 
-from sculptdiff import SculptPipeline, SculptScheduler, SculptUNet2DModel
+from sculptdiff import SculptPipeline, SculptScheduler
 from sculptdiff.training.card import SAMPLE_GRID_NAME
 from sculptdiff.training.publish import ARGS_FILE_NAME, push_output_dir, upload_command
 
@@ -104,31 +104,18 @@ def sample(pipe: SculptPipeline) -> np.ndarray:
     return pipe(class_labels=[1, 7], num_inference_steps=2, generator=generator, output_type="np").images
 
 
-def saved_pipeline(folder: Path) -> SculptPipeline:
-    """A tiny class-conditional SculptPipeline saved to `folder` with a card, a sample grid and run arguments."""
-    torch.manual_seed(0)
-    unet = SculptUNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        attention_levels=(False, True),
-        attention_head_dim=8,
-        norm_num_groups=4,
-        num_class_embeds=10,
-    )
-    pipeline = SculptPipeline(unet=unet, scheduler=SculptScheduler(num_train_timesteps=100))
+def save_as_a_run(pipeline: SculptPipeline, folder: Path):
+    """Saves `pipeline` to `folder` with what a training run writes beside it: a card, a sample grid, run arguments."""
     pipeline.save_pretrained(folder)
     (folder / "README.md").write_text("---\nlibrary_name: diffusers\n---\n# card\n")
     (folder / SAMPLE_GRID_NAME).write_bytes(b"\x89PNG not really")
     (folder / ARGS_FILE_NAME).write_text(json.dumps({"output_dir": "sculpt-digits"}))
-    return pipeline
 
 
-def test_push_uploads_exactly_the_allowlist_and_so_does_the_printed_command(hub, tmp_path):
+def test_push_uploads_exactly_the_allowlist_and_so_does_the_printed_command(hub, tmp_path, build_tiny_pipeline):
     output_dir = tmp_path / "sculpt-digits"
-    pipeline = saved_pipeline(output_dir)
+    pipeline = build_tiny_pipeline(scheduler=SculptScheduler(num_train_timesteps=100))
+    save_as_a_run(pipeline, output_dir)
     add_local_only_files(output_dir)
     (output_dir / "checkpoint-5").mkdir()
     (output_dir / "checkpoint-5" / "optimizer.bin").write_bytes(b"optimizer state")

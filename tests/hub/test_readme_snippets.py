@@ -90,21 +90,13 @@ def test_every_readme_snippet_is_checked():
 
 
 @pytest.fixture
-def user_folder(hub, tmp_path, build_tiny_pipeline, tiny_text_encoder, tiny_tokenizer, tiny_stock_unet) -> Path:
+def user_folder(hub, tmp_path, build_tiny_pipeline, build_tiny_text_pipeline, tiny_stock_unet) -> Path:
     """The working folder of a user who ran the main job and a caption run, with a DDPM model on the Hub."""
     # the README's digits model: ten classes named "0" to "9"
     digits = build_tiny_pipeline(num_class_embeds=10, id2label={index: str(index) for index in range(10)})
     digits.save_pretrained(tmp_path / "sculpt-digits")
     # the caption run: RGB images conditioned on text through cross-attention
-    captions = build_tiny_pipeline(
-        text_encoder=tiny_text_encoder,
-        tokenizer=tiny_tokenizer,
-        in_channels=3,
-        out_channels=3,
-        num_class_embeds=None,
-        id2label=None,
-        cross_attention_dim=32,
-    )
+    captions = build_tiny_text_pipeline(in_channels=3, out_channels=3)
     captions.save_pretrained(tmp_path / "sculpt-captions")
 
     # a LoRA run on it: an adapter whose B matrices are drawn at random (a fresh adapter is the identity)

@@ -18,17 +18,23 @@ from safetensors.torch import load_file, save_file
 #   (`num_layers=2` below), each with a self- and a cross-attention;
 # - the blocks gradient checkpointing wraps: the U-Net's residual blocks (down 1 + 1, mid 2, up 2 + 2) and attention
 #   blocks (1 down, 2 up, 1 mid), the DiT's transformer blocks;
-# - two tensors of each, for the missing-tensor check.
+# - two tensors of each, for the missing-tensor check;
+# - what makes each downsample by 4 (a third U-Net level, 4x4 patches), and how its error says so.
 FACTS = {
     "unet": {
         "attention_layers": 8,
         "checkpointed": {"ResBlock": 8, "AttentionBlock": 4},
         "tensors": ["conv_out.bias", "time_embedding.linear_1.weight"],
+        "downsampling_by_4": (
+            {"block_out_channels": (8, 16, 16), "attention_levels": (False, False, True)},
+            r"multiples of 4 \(2 \*\* \(number of levels - 1\)\)",
+        ),
     },
     "dit": {
         "attention_layers": 4,
         "checkpointed": {"DiTBlock": 2},
         "tensors": ["proj_out.bias", "transformer_blocks.1.norm1.linear.weight"],
+        "downsampling_by_4": ({"patch_size": 4}, r"multiples of 4 \(`patch_size`\)"),
     },
 }
 DENOISERS = [("unet", 8), ("dit", 4)]
@@ -105,6 +111,14 @@ def test_timestep_of_wrong_length_is_rejected(build_denoiser):
 def test_sample_of_wrong_shape_is_rejected(build_denoiser, shape):
     with pytest.raises(ValueError, match=r"`sample` must have shape \(batch_size, 1, height, width\)"):
         build_denoiser()(torch.zeros(shape), 10)
+
+
+@pytest.mark.parametrize("height, width", [(6, 8), (8, 10)])
+def test_spatial_size_must_be_a_multiple_of_the_downsampling_factor(backbone, build_denoiser, height, width):
+    overrides, message = FACTS[backbone]["downsampling_by_4"]
+    model = build_denoiser(**overrides)
+    with pytest.raises(ValueError, match=rf"\({height}, {width}\).*{message}"):
+        model(torch.zeros(2, 1, height, width), 10)
 
 
 def test_each_sample_is_computed_independently_of_its_batch(build_denoiser):

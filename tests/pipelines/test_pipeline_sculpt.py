@@ -34,15 +34,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture
-def text_pipeline(build_tiny_pipeline, tiny_text_encoder, tiny_tokenizer) -> SculptPipeline:
+def text_pipeline(build_tiny_text_pipeline) -> SculptPipeline:
     """The tiny pipeline conditioned on text (cross-attention to the tiny CLIP encoder) instead of classes."""
-    return build_tiny_pipeline(
-        text_encoder=tiny_text_encoder,
-        tokenizer=tiny_tokenizer,
-        num_class_embeds=None,
-        id2label=None,
-        cross_attention_dim=32,
-    )
+    return build_tiny_text_pipeline()
 
 
 def generate(pipe, **kwargs):
@@ -79,12 +73,12 @@ def sample_by_hand(pipe, batch_size, class_labels=None, guidance_scale=1.0, num_
     return (latents / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
-class UNetCalls:
-    """Records the batch size of every U-Net forward pass through a forward hook on the real module."""
+class DenoiserCalls:
+    """Records the batch size of every denoiser forward pass through a forward hook on the real module."""
 
-    def __init__(self, unet):
+    def __init__(self, denoiser):
         self.batch_sizes = []
-        self.handle = unet.register_forward_hook(self.record)
+        self.handle = denoiser.register_forward_hook(self.record)
 
     def record(self, module, args, output):
         self.batch_sizes.append(args[0].shape[0])
@@ -130,14 +124,14 @@ def test_guided_step_equals_the_formula(prediction_type, guidance_rescale, guida
 
 def test_guidance_one_makes_one_unet_call_per_step_with_batch_b(build_tiny_pipeline):
     pipe = build_tiny_pipeline()
-    calls = UNetCalls(pipe.unet)
+    calls = DenoiserCalls(pipe.unet)
     generate(pipe, class_labels=[0, 1, 2], num_inference_steps=3, guidance_scale=1.0)
     assert calls.batch_sizes == [3, 3, 3]
 
 
 def test_guidance_above_one_makes_one_unet_call_per_step_with_batch_2b(build_tiny_pipeline):
     pipe = build_tiny_pipeline()
-    calls = UNetCalls(pipe.unet)
+    calls = DenoiserCalls(pipe.unet)
     generate(pipe, class_labels=[0, 1, 2], num_inference_steps=3, guidance_scale=2.5)
     assert calls.batch_sizes == [6, 6, 6]
 
@@ -245,7 +239,7 @@ def test_callback_reads_and_replaces_latents(build_tiny_pipeline):
 
 def test_custom_timesteps(build_tiny_pipeline):
     pipe = build_tiny_pipeline()
-    calls = UNetCalls(pipe.unet)
+    calls = DenoiserCalls(pipe.unet)
     generate(pipe, class_labels=[1], timesteps=[900, 500, 100])
     assert len(calls.batch_sizes) == 3
     assert pipe.scheduler.timesteps.tolist() == [900, 500, 100]
@@ -332,7 +326,7 @@ def test_cross_attention_kwargs_reach_the_unet_and_scale_lora(text_pipeline):
 
 def test_sd_cfg_cutoff_callback_stops_guidance(text_pipeline):
     pipe = text_pipeline
-    calls = UNetCalls(pipe.unet)
+    calls = DenoiserCalls(pipe.unet)
     images = generate(
         pipe,
         prompt="digit two",
@@ -400,18 +394,9 @@ def test_prompt_embeds_equal_the_prompt_path(text_pipeline):
     torch.testing.assert_close(empty, pipe.encode_prompt([""], torch.device("cpu"))[0])
 
 
-def test_latent_space_with_a_vae(build_tiny_pipeline, tiny_text_encoder, tiny_tokenizer, tiny_vae):
+def test_latent_space_with_a_vae(build_tiny_text_pipeline, tiny_vae):
     vae = tiny_vae
-    pipe = build_tiny_pipeline(
-        text_encoder=tiny_text_encoder,
-        tokenizer=tiny_tokenizer,
-        vae=vae,
-        in_channels=4,
-        out_channels=4,
-        num_class_embeds=None,
-        id2label=None,
-        cross_attention_dim=32,
-    )
+    pipe = build_tiny_text_pipeline(vae=vae, in_channels=4, out_channels=4)
     assert pipe.vae_scale_factor == 2
 
     images = generate(pipe, prompt="digit three", guidance_scale=2.0)

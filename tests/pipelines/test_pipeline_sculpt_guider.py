@@ -16,6 +16,7 @@ from diffusers.guiders import (
     TangentialClassifierFreeGuidance,
 )
 from diffusers.guiders.guider_utils import rescale_noise_cfg
+from test_pipeline_sculpt import DenoiserCalls
 
 from sculptdiff import SculptFlowScheduler, SculptPipeline
 
@@ -44,20 +45,13 @@ GUIDERS = ["cfg", "apg", "cfg_zero_star", "tcfg", "fdg"]
 
 
 @pytest.fixture
-def build_pipeline(build_tiny_pipeline, tiny_text_encoder, tiny_tokenizer):
+def build_pipeline(build_tiny_pipeline, build_tiny_text_pipeline):
     """`build_pipeline(backbone, conditioning, guider=None)`: the tiny pipeline on classes or on text, with `guider`
     registered as its component."""
 
     def build(backbone: str, conditioning: str, guider=None) -> SculptPipeline:
         if conditioning == "text":
-            pipe = build_tiny_pipeline(
-                backbone=backbone,
-                text_encoder=tiny_text_encoder,
-                tokenizer=tiny_tokenizer,
-                num_class_embeds=None,
-                id2label=None,
-                cross_attention_dim=32,
-            )
+            pipe = build_tiny_text_pipeline(backbone=backbone)
         else:
             pipe = build_tiny_pipeline(backbone=backbone)
         pipe.register_modules(guider=guider)
@@ -77,17 +71,6 @@ def generate(pipe, **kwargs) -> torch.Tensor:
     kwargs.setdefault("output_type", "latent")
     kwargs.setdefault("generator", torch.Generator().manual_seed(0))
     return pipe(**kwargs).images
-
-
-class DenoiserCalls:
-    """Records the batch size of every denoiser forward pass through a forward hook on the real module."""
-
-    def __init__(self, denoiser):
-        self.batch_sizes = []
-        self.handle = denoiser.register_forward_hook(self.record)
-
-    def record(self, module, args, output):
-        self.batch_sizes.append(args[0].shape[0])
 
 
 # without a guider: the pipeline's own classifier-free guidance, unchanged

@@ -40,14 +40,8 @@ def write_adapter(tmp_path, build_tiny_unet, build_tiny_dit):
 
 def sample(pipe: SculptPipeline, **kwargs) -> np.ndarray:
     # guided, so that the scale reaches both branches of the batched pass
-    return pipe(
-        class_labels=[1, 3],
-        guidance_scale=2.0,
-        num_inference_steps=2,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-        **kwargs,
-    ).images
+    kwargs = {"class_labels": [1, 3], "guidance_scale": 2.0, "num_inference_steps": 2, "output_type": "np", **kwargs}
+    return pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
 
 
 def assert_differs(actual: np.ndarray, other: np.ndarray):

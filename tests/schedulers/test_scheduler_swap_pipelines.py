@@ -4,13 +4,7 @@ components: it runs, and with settings equal to DDIMScheduler's or DDPMScheduler
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMPipeline,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from sculptdiff.schedulers.scheduling_sculpt import SculptScheduler
 
@@ -28,24 +22,6 @@ SD_SCHEDULER_CONFIG = {
 }
 
 
-@pytest.fixture
-def sd_components(tiny_tokenizer, tiny_text_encoder, tiny_vae) -> dict:
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-    ).eval()
-    return {"unet": unet, "vae": tiny_vae, "text_encoder": tiny_text_encoder, "tokenizer": tiny_tokenizer}
-
-
 def run_ddpm_pipeline(unet, scheduler, num_inference_steps=2) -> np.ndarray:
     pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -53,14 +29,18 @@ def run_ddpm_pipeline(unet, scheduler, num_inference_steps=2) -> np.ndarray:
     return pipe(batch_size=2, generator=generator, num_inference_steps=num_inference_steps, output_type="np").images
 
 
-def run_sd_pipeline(components, scheduler, output_type="np", **call_kwargs) -> np.ndarray:
-    pipe = StableDiffusionPipeline(
-        **components, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    call_kwargs = {"num_inference_steps": 2, **call_kwargs}
-    return pipe(PROMPT, generator=generator, guidance_scale=7.5, output_type=output_type, **call_kwargs).images
+@pytest.fixture
+def run_sd_pipeline(build_stable_diffusion, tiny_stock_text_unet):
+    """`run_sd_pipeline(scheduler, output_type="np", **call_kwargs)`: PROMPT through the tiny StableDiffusionPipeline
+    with `scheduler`, guided at 7.5, from seed 0, in 2 steps unless `call_kwargs` say otherwise."""
+
+    def run(scheduler, output_type="np", **call_kwargs) -> np.ndarray:
+        pipe = build_stable_diffusion(tiny_stock_text_unet, scheduler)
+        generator = torch.Generator().manual_seed(0)
+        call_kwargs = {"num_inference_steps": 2, **call_kwargs}
+        return pipe(PROMPT, generator=generator, guidance_scale=7.5, output_type=output_type, **call_kwargs).images
+
+    return run
 
 
 def test_ddpm_pipeline_with_ddim_settings_matches_ddim(tiny_stock_unet):
@@ -99,35 +79,33 @@ def test_swap_in_a_ddpm_pipeline_loaded_from_a_folder(tiny_stock_unet, tmp_path)
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_stable_diffusion_pipeline_matches_ddim(sd_components, eta):
+def test_stable_diffusion_pipeline_matches_ddim(run_sd_pipeline, eta):
     # StableDiffusionPipeline passes its own `eta` (default 0.0) because `step` accepts one
     reference_scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
     ours_scheduler = SculptScheduler.from_config(reference_scheduler.config)
-    reference = run_sd_pipeline(sd_components, reference_scheduler, eta=eta)
-    ours = run_sd_pipeline(sd_components, ours_scheduler, eta=eta)
+    reference = run_sd_pipeline(reference_scheduler, eta=eta)
+    ours = run_sd_pipeline(ours_scheduler, eta=eta)
     assert ours.shape == (1, 16, 16, 3)
     assert np.allclose(ours, reference, atol=1e-5)
-    latents = run_sd_pipeline(sd_components, ours_scheduler, output_type="latent", eta=eta)
-    reference_latents = run_sd_pipeline(sd_components, reference_scheduler, output_type="latent", eta=eta)
+    latents = run_sd_pipeline(ours_scheduler, output_type="latent", eta=eta)
+    reference_latents = run_sd_pipeline(reference_scheduler, output_type="latent", eta=eta)
     assert latents.shape == (1, 4, 8, 8)
     torch.testing.assert_close(latents, reference_latents, atol=1e-5, rtol=1e-5)
 
 
-def test_stable_diffusion_pipeline_custom_timesteps_match_ddpm(sd_components):
+def test_stable_diffusion_pipeline_custom_timesteps_match_ddpm(run_sd_pipeline):
     # retrieve_timesteps passes `timesteps=` to set_timesteps; DDIMScheduler does not accept it, DDPMScheduler does
     ddpm_config = {key: value for key, value in SD_SCHEDULER_CONFIG.items() if key != "set_alpha_to_one"}
     reference_scheduler = DDPMScheduler(**ddpm_config)
     ours_scheduler = SculptScheduler.from_config(reference_scheduler.config, eta=1.0)
     timesteps = [901, 501, 1]
-    reference = run_sd_pipeline(sd_components, reference_scheduler, output_type="latent", timesteps=timesteps)
-    ours = run_sd_pipeline(sd_components, ours_scheduler, output_type="latent", timesteps=timesteps, eta=1.0)
+    reference = run_sd_pipeline(reference_scheduler, output_type="latent", timesteps=timesteps)
+    ours = run_sd_pipeline(ours_scheduler, output_type="latent", timesteps=timesteps, eta=1.0)
     assert ours_scheduler.timesteps.tolist() == timesteps
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_stable_diffusion_pipeline_refuses_sigmas(sd_components):
+def test_stable_diffusion_pipeline_refuses_sigmas(run_sd_pipeline):
     # SculptScheduler has no sigma parameterization: set_timesteps takes no `sigmas`, so the pipeline refuses it
     with pytest.raises(ValueError, match="sigmas"):
-        run_sd_pipeline(
-            sd_components, SculptScheduler(**SD_SCHEDULER_CONFIG), num_inference_steps=None, sigmas=[1.0, 0.5]
-        )
+        run_sd_pipeline(SculptScheduler(**SD_SCHEDULER_CONFIG), num_inference_steps=None, sigmas=[1.0, 0.5])

@@ -6,50 +6,33 @@ import re
 
 import pytest
 
-from sculptdiff.training.arguments import (
-    add_checkpointing_arguments,
-    add_condition_arguments,
-    add_data_arguments,
-    add_hub_arguments,
-    add_logging_arguments,
-    add_optimization_arguments,
-    add_run_arguments,
-    add_sampling_arguments,
-    check_checkpointing_arguments,
-    check_condition_arguments,
-    check_data_arguments,
-    check_hub_arguments,
-    check_logging_arguments,
-    check_optimization_arguments,
-    check_run_arguments,
-    check_sampling_arguments,
-)
+from sculptdiff.training import arguments
 from sculptdiff.training.recipe import RECIPE
 
 
 def build_parser(template: str, recipe=RECIPE) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
-    add_data_arguments(parser)
-    add_condition_arguments(parser)
-    add_optimization_arguments(parser, recipe=recipe)
-    add_run_arguments(parser, output_dir="out-default", outputs="the model")
-    add_checkpointing_arguments(parser)
-    add_logging_arguments(parser)
-    add_sampling_arguments(parser)
-    add_hub_arguments(parser, model_card_template=template)
+    arguments.add_data_arguments(parser)
+    arguments.add_condition_arguments(parser)
+    arguments.add_optimization_arguments(parser, recipe=recipe)
+    arguments.add_run_arguments(parser, output_dir="out-default", outputs="the model")
+    arguments.add_checkpointing_arguments(parser)
+    arguments.add_logging_arguments(parser)
+    arguments.add_sampling_arguments(parser)
+    arguments.add_hub_arguments(parser, model_card_template=template)
     return parser
 
 
 def parse(argv: list[str], template: str, recipe=RECIPE) -> argparse.Namespace:
     args = build_parser(template, recipe).parse_args(argv)
-    check_data_arguments(args)
-    check_condition_arguments(args)
-    check_optimization_arguments(args, recipe=recipe)
-    check_run_arguments(args)
-    check_checkpointing_arguments(args)
-    check_logging_arguments(args)
-    check_sampling_arguments(args)
-    check_hub_arguments(args)
+    arguments.check_data_arguments(args)
+    arguments.check_condition_arguments(args)
+    arguments.check_optimization_arguments(args, recipe=recipe)
+    arguments.check_run_arguments(args)
+    arguments.check_checkpointing_arguments(args)
+    arguments.check_logging_arguments(args)
+    arguments.check_sampling_arguments(args)
+    arguments.check_hub_arguments(args)
     return args
 
 
@@ -87,7 +70,7 @@ def test_another_recipe_sets_the_defaults_and_the_step_count(template):
 
 def test_the_output_dir_help_names_what_the_script_writes(template):
     parser = argparse.ArgumentParser()
-    add_run_arguments(parser, output_dir="sculpt-vae", outputs="the VAE and its card")
+    arguments.add_run_arguments(parser, output_dir="sculpt-vae", outputs="the VAE and its card")
     (action,) = [action for action in parser._actions if action.dest == "output_dir"]
     assert action.default == "sculpt-vae"
     assert action.help == "Where the VAE and its card, the logs and the checkpoints are written."

@@ -145,18 +145,9 @@ def test_dit_teacher_distils_into_a_dit_student(script, tmp_path, build_tiny_pip
     assert [call["batch"] for call in calls] == [2]
 
 
-def test_text_teacher_distils_with_its_encoder(
-    script, tmp_path, build_tiny_pipeline, tiny_text_encoder, tiny_tokenizer
-):
+def test_text_teacher_distils_with_its_encoder(script, tmp_path, build_tiny_text_pipeline):
     teacher = tmp_path / "teacher"
-    build_tiny_pipeline(
-        scheduler=SculptScheduler(num_train_timesteps=100),
-        text_encoder=tiny_text_encoder,
-        tokenizer=tiny_tokenizer,
-        num_class_embeds=None,
-        id2label=None,
-        cross_attention_dim=32,
-    ).save_pretrained(teacher)
+    build_tiny_text_pipeline(scheduler=SculptScheduler(num_train_timesteps=100)).save_pretrained(teacher)
     data_dir = tmp_path / "images"
     data_dir.mkdir()
     with open(data_dir / "metadata.jsonl", "w") as f:

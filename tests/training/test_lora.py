@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
@@ -23,45 +22,22 @@ from sculptdiff.training.lora import (
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def build_stock(name: str) -> torch.nn.Module:
-    """Tiny diffusers backbones: UNet2DConditionModel (12-d text) and DiTTransformer2DModel."""
-    torch.manual_seed(0)
-    if name == "UNet2DConditionModel":
-        return UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(8, 16),
-            norm_num_groups=4,
-            layers_per_block=1,
-            cross_attention_dim=12,
-            attention_head_dim=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        ).eval()
-    return DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=8,
-        num_layers=1,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=10,
-        norm_num_groups=4,
-    ).eval()
-
-
 @pytest.fixture
-def build_denoiser(build_tiny_unet, build_tiny_dit, tiny_stock_unet):
+def build_denoiser(build_tiny_unet, build_tiny_dit, tiny_stock_unet, tiny_stock_text_unet, tiny_stock_dit):
+    """`build_denoiser(name)`: the tiny backbone of that class: ours, or diffusers' own (UNet2DConditionModel with
+    32-d text)."""
+
     def build(name: str) -> torch.nn.Module:
         if name == "SculptUNet2DModel":
             return build_tiny_unet()
         if name == "SculptDiT2DModel":
             return build_tiny_dit()
-        if name == "UNet2DModel":
-            return tiny_stock_unet
-        return build_stock(name)
+        stock = {
+            "UNet2DModel": tiny_stock_unet,
+            "UNet2DConditionModel": tiny_stock_text_unet,
+            "DiTTransformer2DModel": tiny_stock_dit,
+        }
+        return stock[name]
 
     return build
 

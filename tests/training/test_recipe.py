@@ -6,22 +6,14 @@ from sculptdiff.models.transformers.dit_sculpt import SculptDiT2DModel
 from sculptdiff.models.unet_sculpt import SculptUNet2DModel
 from sculptdiff.schedulers.scheduling_sculpt import SculptScheduler
 from sculptdiff.schedulers.scheduling_sculpt_flow import SculptFlowScheduler
-from sculptdiff.training.recipe import (
-    RECIPE,
-    build_dit,
-    build_ema,
-    build_noise_scheduler,
-    build_unet,
-    default_dit_config,
-    default_unet_config,
-)
+from sculptdiff.training import recipe
 
 
 DIGITS = {"sample_size": 16, "in_channels": 1, "out_channels": 1, "num_class_embeds": 10}
 
 
 def test_default_unet_is_the_measured_digits_model():
-    unet = build_unet(**DIGITS, prediction_type=RECIPE.prediction_type)
+    unet = recipe.build_unet(**DIGITS, prediction_type=recipe.RECIPE.prediction_type)
     # the size the README and the benchmarks quote for the default run
     assert sum(parameter.numel() for parameter in unet.parameters()) == 1_192_641
     assert tuple(unet.config.block_out_channels) == (32, 64, 64)
@@ -30,20 +22,20 @@ def test_default_unet_is_the_measured_digits_model():
 
 
 def test_build_unet_overrides_a_given_config_and_returns_fresh_dicts():
-    tiny = {**default_unet_config(), "block_out_channels": (8, 16), "attention_levels": (False, True)}
+    tiny = {**recipe.default_unet_config(), "block_out_channels": (8, 16), "attention_levels": (False, True)}
     tiny["layers_per_block"] = 2
-    unet = build_unet(tiny, attention_head_dim=8, **DIGITS)
+    unet = recipe.build_unet(tiny, attention_head_dim=8, **DIGITS)
     assert tuple(unet.config.block_out_channels) == (8, 16)
-    config = default_unet_config()
+    config = recipe.default_unet_config()
     config["block_out_channels"] = (1,)
-    assert default_unet_config()["block_out_channels"] == (32, 64, 64)
+    assert recipe.default_unet_config()["block_out_channels"] == (32, 64, 64)
     # the norm groups of the given config stay, the recipe's do not come back
     assert unet.config.norm_num_groups == 8 and unet.config.layers_per_block == 2
 
 
 def test_default_dit_is_the_size_of_the_default_unet():
     torch.manual_seed(0)
-    dit = build_dit(**DIGITS, prediction_type="flow")
+    dit = recipe.build_dit(**DIGITS, prediction_type="flow")
     assert type(dit) is SculptDiT2DModel
     # the size the help of train_sculpt.py's DiT flags quotes: about the default U-Net's 1.19M
     assert sum(parameter.numel() for parameter in dit.parameters()) == 1_058_500
@@ -53,40 +45,42 @@ def test_default_dit_is_the_size_of_the_default_unet():
 
 
 def test_build_dit_overrides_a_given_config_and_returns_fresh_dicts():
-    config = {**default_dit_config(), "num_layers": 1, "mlp_ratio": 2.0}
-    dit = build_dit(config, num_attention_heads=2, attention_head_dim=8, **DIGITS)
+    config = {**recipe.default_dit_config(), "num_layers": 1, "mlp_ratio": 2.0}
+    dit = recipe.build_dit(config, num_attention_heads=2, attention_head_dim=8, **DIGITS)
     assert len(dit.transformer_blocks) == 1 and dit.config.mlp_ratio == 2.0 and dit.config.num_attention_heads == 2
     config["patch_size"] = 4
-    assert default_dit_config()["patch_size"] == 2
+    assert recipe.default_dit_config()["patch_size"] == 2
     with pytest.raises(ValueError, match="multiple of `patch_size`"):
-        build_dit(patch_size=3, **DIGITS)
+        recipe.build_dit(patch_size=3, **DIGITS)
 
 
 def test_noise_scheduler_of_each_objective():
-    scheduler = build_noise_scheduler()
+    scheduler = recipe.build_noise_scheduler()
     assert type(scheduler) is SculptScheduler
     assert scheduler.config.beta_schedule == "squaredcos_cap_v2" and scheduler.config.timestep_spacing == "trailing"
     assert scheduler.config.clip_sample is True and scheduler.config.num_train_timesteps == 1000
 
-    latent = build_noise_scheduler("v_prediction", 100, "linear", rescale_betas_zero_snr=True, clip_sample=False)
+    latent = recipe.build_noise_scheduler(
+        "v_prediction", 100, "linear", rescale_betas_zero_snr=True, clip_sample=False
+    )
     assert latent.config.prediction_type == "v_prediction" and latent.config.clip_sample is False
     assert latent.alphas_cumprod[-1] == 0 and latent.config.num_train_timesteps == 100
 
-    flow = build_noise_scheduler("flow", 100)
+    flow = recipe.build_noise_scheduler("flow", 100)
     assert type(flow) is SculptFlowScheduler and flow.config.num_train_timesteps == 100
     with pytest.raises(ValueError, match="rescale_betas_zero_snr changes a beta schedule"):
-        build_noise_scheduler("flow", rescale_betas_zero_snr=True)
+        recipe.build_noise_scheduler("flow", rescale_betas_zero_snr=True)
 
 
 def test_ema_warms_up_and_saves_a_folder_of_the_models_class(tmp_path):
     torch.manual_seed(0)
-    unet = build_unet(
+    unet = recipe.build_unet(
         **DIGITS, block_out_channels=(8, 16), attention_levels=(False, True), attention_head_dim=8, norm_num_groups=4
     )
-    ema = build_ema(unet)
+    ema = recipe.build_ema(unet)
     # crowsonkb's warm-up: 1 - (1 + step / inv_gamma) ** -power, capped at ema_decay
     assert ema.get_decay(11) == pytest.approx(1 - 11 ** (-3 / 4))
-    assert ema.get_decay(10**9) == RECIPE.ema_decay
+    assert ema.get_decay(10**9) == recipe.RECIPE.ema_decay
     with torch.no_grad():
         for parameter in unet.parameters():
             parameter.add_(1.0)
@@ -101,10 +95,10 @@ def test_ema_warms_up_and_saves_a_folder_of_the_models_class(tmp_path):
 def test_ema_of_some_parameters_averages_only_those():
     """A LoRA run's EMA: only the adapter's parameters are averaged, the frozen rest is not copied."""
     torch.manual_seed(0)
-    tiny = {**default_unet_config(), "block_out_channels": (8, 16), "attention_levels": (False, True)}
-    unet = build_unet(tiny, attention_head_dim=8, norm_num_groups=4, **DIGITS)
+    tiny = {**recipe.default_unet_config(), "block_out_channels": (8, 16), "attention_levels": (False, True)}
+    unet = recipe.build_unet(tiny, attention_head_dim=8, norm_num_groups=4, **DIGITS)
     trained = [unet.conv_out.weight, unet.conv_out.bias]
-    ema = build_ema(unet, parameters=trained)
+    ema = recipe.build_ema(unet, parameters=trained)
     assert len(ema.shadow_params) == 2 and ema.model_cls is None
     frozen = unet.conv_in.weight.detach().clone()
     # the warm-up: the first step copies (decay 0), the second averages with decay 1 - 2^-3/4

@@ -18,20 +18,9 @@ from sculptdiff.pipelines.sculpt.pipeline_sculpt import SculptPipeline
 
 
 @pytest.fixture(scope="module")
-def ddpm_folder(tmp_path_factory) -> Path:
+def ddpm_folder(tmp_path_factory, build_tiny_stock_unet) -> Path:
     """A tiny DDPMPipeline saved by diffusers: an unconditional RGB UNet2DModel of 8-16 channels."""
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-    )
+    unet = build_tiny_stock_unet(norm_num_groups=4, attention_head_dim=8)
     folder = tmp_path_factory.mktemp("stock") / "ddpm-tiny"
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
     return folder

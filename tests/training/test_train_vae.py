@@ -28,12 +28,16 @@ OUTPUT_FILES = ["config.json", "diffusion_pytorch_model.safetensors", "README.md
 OUTPUT_FILES += ["training_args.json"]
 
 
-def train_vae(output_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """`accelerate launch train_vae.py` with the tiny run's flags, offline, on one thread."""
+def train_vae(output_dir: Path, *args: str, check: bool = True, num_processes: int = 1) -> subprocess.CompletedProcess:
+    """`accelerate launch train_vae.py` with the tiny run's flags, offline, one thread per process; several processes
+    form a gloo MULTI_CPU group (as in test_train_sculpt.py's `launch_command`)."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("ACCELERATE_")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *TINY_VAE]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    if num_processes > 1:
+        env["ACCELERATE_USE_CPU"] = "1"
+        command.append("--multi_gpu")
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *TINY_VAE]
     result = subprocess.run(
         [*command, "--output_dir", str(output_dir), *args], env=env, capture_output=True, text=True, timeout=600
     )
@@ -83,6 +87,21 @@ def test_output_loads_with_a_scaling_factor_measured_on_the_data(trained):
     assert Image.open(trained / "reconstruction_grid.png").size == (2 * 8, 3 * 8)
     training_args = json.loads((trained / "training_args.json").read_text())
     assert (training_args["rec_loss"], training_args["kl_scale"]) == ("l1", 1e-6)
+
+
+def test_two_processes_double_the_batch_and_write_once(tmp_path):
+    output_dir = tmp_path / "two"
+    result = train_vae(output_dir, "--max_train_steps", "2", "--checkpointing_steps", "2", num_processes=2)
+    assert "Distributed environment: DistributedType.MULTI_CPU" in result.stderr
+    assert "total batch size = 8" in result.stderr
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {
+        path.name for path in (output_dir / "checkpoint-2").iterdir()
+    }
+    # the main process alone writes the output: the model loads and its card counts the total batch
+    vae = AutoencoderKL.from_pretrained(output_dir)
+    assert vae.config.latent_channels == 4
+    assert "| train_batch_size (total) | 8 |" in (output_dir / "README.md").read_text()
+    assert json.loads((output_dir / "training_args.json").read_text())["max_train_steps"] == 2
 
 
 def test_resume_from_a_mid_epoch_checkpoint_is_exact(trained, tmp_path):

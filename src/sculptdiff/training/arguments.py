@@ -141,18 +141,8 @@ def add_optimization_arguments(parser: argparse.ArgumentParser, recipe: Training
     group.add_argument("--adam_weight_decay", type=float, default=recipe.adam_weight_decay, help="AdamW weight decay.")
     group.add_argument("--adam_epsilon", type=float, default=recipe.adam_epsilon, help="AdamW epsilon.")
     group.add_argument("--max_grad_norm", type=float, default=recipe.max_grad_norm, help="Gradient clipping norm.")
-    group.add_argument(
-        "--train_batch_size",
-        type=int,
-        default=recipe.train_batch_size,
-        help="Batch size per process (per device) for training.",
-    )
-    group.add_argument(
-        "--gradient_accumulation_steps",
-        type=int,
-        default=1,
-        help="Number of batches to accumulate before each optimisation step.",
-    )
+    group.add_argument("--train_batch_size", type=int, default=recipe.train_batch_size, help="Batch size per process.")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimisation step.")
     group.add_argument(
         "--max_train_steps",
         type=int,
@@ -177,17 +167,15 @@ def add_optimization_arguments(parser: argparse.ArgumentParser, recipe: Training
         help="Keep an exponential moving average of the weights and save it as the final model (on by default).",
     )
     group.add_argument("--ema_decay", type=float, default=recipe.ema_decay, help="The maximum EMA decay.")
-    group.add_argument(
-        "--ema_inv_gamma",
-        type=float,
-        default=recipe.ema_inv_gamma,
-        help="Inverse gamma of the EMA warm-up (decay 1 - (1 + step/inv_gamma)^-power).",
-    )
+    group.add_argument("--ema_inv_gamma", type=float, default=recipe.ema_inv_gamma, help="EMA warm-up's 1 / gamma.")
     group.add_argument(
         "--ema_power",
         type=float,
         default=recipe.ema_power,
-        help="Power of the EMA warm-up; 3/4 suits runs of thousands of steps, 2/3 runs of a million.",
+        help=(
+            "Power of the EMA warm-up, decay 1 - (1 + step / inv_gamma) ** -power; 3/4 suits runs of thousands of"
+            " steps, 2/3 runs of a million."
+        ),
     )
 
 
@@ -284,10 +272,7 @@ def add_logging_arguments(parser: argparse.ArgumentParser):
         "--logging_dir", type=str, default="logs", help="Log directory, relative to --output_dir (TensorBoard)."
     )
     group.add_argument(
-        "--report_to",
-        type=str,
-        default="tensorboard",
-        help='Where to log: "tensorboard", "wandb", "all", or "none".',
+        "--report_to", type=str, default="tensorboard", help='Where to log: "tensorboard", "wandb", "all", or "none".'
     )
 
 

@@ -94,6 +94,35 @@ class TrainingRun:
             **measured,
         )
 
+    def training_time(self) -> str:
+        """The card's line on how long training took, where, and whether it resumed."""
+        minutes, seconds = divmod(int(self.train_seconds), 60)
+        text = f"{minutes} min {seconds} s on {self.num_processes} process(es) ({self.device_type})"
+        if self.resumed_from_step:
+            text += f" (resumed at step {self.resumed_from_step})"
+        return text
+
+    def optimization_hyperparameters(self, args: argparse.Namespace) -> dict:
+        """The rows of the hyperparameter table that every training script's shared optimisation flags give."""
+        return {
+            "learning_rate": args.learning_rate,
+            "lr_scheduler": args.lr_scheduler,
+            "lr_warmup_steps": args.lr_warmup_steps,
+            "train_batch_size (total)": self.total_batch_size,
+            "max_train_steps": args.max_train_steps,
+            "use_ema": args.use_ema,
+            "mixed_precision": self.mixed_precision,
+            "seed": args.seed,
+        }
+
+
+def _training_data(args: argparse.Namespace) -> tuple[bool, str, str]:
+    """Whether the run trained on the built-in digits, the dataset's name and its description for the card."""
+    if args.dataset_name is None and args.train_data_dir is None:
+        return True, DIGITS_DATASET_NAME, DIGITS_DESCRIPTION
+    dataset_name = args.dataset_name or args.train_data_dir
+    return False, dataset_name, f"`{_public_name(dataset_name)}`, column `{args.image_column}`."
+
 
 def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: TrainingRun) -> ModelCard:
     """The model card (README.md) of a training output: write `str(card)` into the output folder.
@@ -144,13 +173,7 @@ def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: Tr
         )
         shape = {"block_out_channels": list(denoiser_config.block_out_channels)}
 
-    builtin = args.dataset_name is None and args.train_data_dir is None
-    if builtin:
-        dataset_name, description = DIGITS_DATASET_NAME, DIGITS_DESCRIPTION
-    else:
-        dataset_name = args.dataset_name or args.train_data_dir
-        description = f"`{_public_name(dataset_name)}`, column `{args.image_column}`."
-
+    _, dataset_name, description = _training_data(args)
     hyperparameters = {
         "prediction_type": prediction_type,
         "num_train_timesteps": pipeline.scheduler.config.num_train_timesteps,
@@ -162,16 +185,9 @@ def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: Tr
         ),
         **shape,
         "parameters": f"{sum(parameter.numel() for parameter in denoiser.parameters()):,}",
-        "learning_rate": args.learning_rate,
-        "lr_scheduler": args.lr_scheduler,
-        "lr_warmup_steps": args.lr_warmup_steps,
-        "train_batch_size (total)": run.total_batch_size,
-        "max_train_steps": args.max_train_steps,
-        "use_ema": args.use_ema,
+        **run.optimization_hyperparameters(args),
         "ema_power": args.ema_power if args.use_ema else "n/a",
         "snr_gamma": args.snr_gamma,
-        "mixed_precision": run.mixed_precision,
-        "seed": args.seed,
     }
     if prediction_type == "flow":
         hyperparameters["weighting_scheme"] = args.weighting_scheme
@@ -200,10 +216,6 @@ def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: Tr
         vae = args.vae_name_or_path
         hyperparameters["vae"] = _public_name(vae) if vae else f"{_public_name(pretrained)} (vae)"
 
-    minutes, seconds = divmod(int(run.train_seconds), 60)
-    training_time = f"{minutes} min {seconds} s on {run.num_processes} process(es) ({run.device_type})"
-    if run.resumed_from_step:
-        training_time += f" (resumed at step {run.resumed_from_step})"
     return render_model_card(
         args.model_card_template,
         hub_repo_id(args) if args.push_to_hub else str(Path(args.output_dir).resolve()),
@@ -217,7 +229,7 @@ def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: Tr
         validation_prompts=run.validation_prompts,
         hyperparameters=hyperparameters,
         training_steps=run.training_steps,
-        training_time=training_time,
+        training_time=run.training_time(),
         sample_grid=SAMPLE_GRID_NAME,
         sample_guidance_scale=run.sample_guidance_scale,
         sample_inference_steps=args.validation_inference_steps,
@@ -357,8 +369,7 @@ def build_distilled_model_card(args: argparse.Namespace, pipeline: SculptPipelin
     id2label = denoiser_config.get("id2label") or {}
     names = [id2label.get(str(index), str(index)) for index in range(num_classes)] if num_classes else None
     conditioning = "class" if num_classes else "text"
-    builtin = args.dataset_name is None and args.train_data_dir is None
-    dataset_name = DIGITS_DATASET_NAME if builtin else args.dataset_name or args.train_data_dir
+    builtin, dataset_name, _ = _training_data(args)
     hyperparameters = {
         "teacher": _public_name(args.teacher),
         "prediction_type": denoiser_config.prediction_type,
@@ -368,16 +379,8 @@ def build_distilled_model_card(args: argparse.Namespace, pipeline: SculptPipelin
         "timestep_scaling_factor": args.timestep_scaling_factor,
         "ema_decay (target network)": args.ema_decay,
         "time_cond_proj_dim": args.time_cond_proj_dim,
-        "learning_rate": args.learning_rate,
-        "lr_scheduler": args.lr_scheduler,
-        "train_batch_size (total)": run.total_batch_size,
-        "max_train_steps": args.max_train_steps,
-        "seed": args.seed,
+        **run.optimization_hyperparameters(args),
     }
-    minutes, seconds = divmod(int(run.train_seconds), 60)
-    training_time = f"{minutes} min {seconds} s on {run.num_processes} process(es) ({run.device_type})"
-    if run.resumed_from_step:
-        training_time += f" (resumed at step {run.resumed_from_step})"
     pipeline_tag = "text-to-image" if conditioning == "text" else "unconditional-image-generation"
     tags = ["sculptdiff", "diffusers", "diffusers-training", pipeline_tag, "lcm", "latent-consistency-distillation"]
     card_data = ModelCardData(
@@ -404,7 +407,7 @@ def build_distilled_model_card(args: argparse.Namespace, pipeline: SculptPipelin
         sample_guidance_scale=args.validation_guidance_scale,
         hyperparameters=hyperparameters,
         training_steps=run.training_steps,
-        training_time=training_time,
+        training_time=run.training_time(),
     )
     return populate_model_card(card, tags=tags)
 
@@ -428,11 +431,8 @@ def build_vae_model_card(
             `reconstruction_psnr` (pixels in [0, 1]).
     """
     config = vae.config
-    builtin = args.dataset_name is None and args.train_data_dir is None
-    dataset_name = DIGITS_DATASET_NAME if builtin else args.dataset_name or args.train_data_dir
-    description = DIGITS_DESCRIPTION if builtin else f"`{_public_name(dataset_name)}`, column `{args.image_column}`."
+    builtin, dataset_name, description = _training_data(args)
     factor = 2 ** (len(config.block_out_channels) - 1)
-    minutes, seconds = divmod(int(run.train_seconds), 60)
     hyperparameters = {
         "block_out_channels": list(config.block_out_channels),
         "layers_per_block": config.layers_per_block,
@@ -440,14 +440,7 @@ def build_vae_model_card(
         "parameters": f"{sum(parameter.numel() for parameter in vae.parameters()):,}",
         "rec_loss": args.rec_loss,
         "kl_scale": args.kl_scale,
-        "learning_rate": args.learning_rate,
-        "lr_scheduler": args.lr_scheduler,
-        "lr_warmup_steps": args.lr_warmup_steps,
-        "train_batch_size (total)": run.total_batch_size,
-        "max_train_steps": args.max_train_steps,
-        "use_ema": args.use_ema,
-        "mixed_precision": run.mixed_precision,
-        "seed": args.seed,
+        **run.optimization_hyperparameters(args),
     }
     card_data = ModelCardData(
         license="apache-2.0",
@@ -469,7 +462,7 @@ def build_vae_model_card(
         reconstruction_grid=RECONSTRUCTION_GRID_NAME,
         hyperparameters=hyperparameters,
         training_steps=run.training_steps,
-        training_time=f"{minutes} min {seconds} s on {run.num_processes} process(es) ({run.device_type})",
+        training_time=run.training_time(),
         resumed_from_step=run.resumed_from_step,
     )
     return populate_model_card(card, tags=["sculptdiff", "diffusers", "diffusers-training", "autoencoder", "vae"])

@@ -102,12 +102,8 @@ def default_dit_config() -> dict:
 
 
 def build_dit(config: dict | None = None, **overrides) -> SculptDiT2DModel:
-    """A new, randomly initialised SculptDiT2DModel (DiT's initialisation, adaLN-Zero).
-
-    Args:
-        config: the config to start from (e.g. a loaded `config.json`); defaults to `default_dit_config()`.
-        overrides: config entries set on top, as for `build_unet`.
-    """
+    """A new, randomly initialised SculptDiT2DModel (DiT's initialisation, adaLN-Zero) from `config` (default:
+    `default_dit_config()`) with `overrides` set on top, as `build_unet` builds a U-Net."""
     config = {**(default_dit_config() if config is None else config), **overrides}
     return SculptDiT2DModel.from_config(config)
 

@@ -262,11 +262,7 @@ class SculptDiT2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin
         # patchify: a conv with stride patch_size is a linear map of every patch; fixed (not learned) sin-cos
         # position embedding, not saved with the weights
         self.pos_embed = PatchEmbed(
-            height=sample_size,
-            width=sample_size,
-            patch_size=patch_size,
-            in_channels=in_channels,
-            embed_dim=inner_dim,
+            height=sample_size, width=sample_size, patch_size=patch_size, in_channels=in_channels, embed_dim=inner_dim
         )
 
         self.transformer_blocks = nn.ModuleList(
