@@ -40,18 +40,23 @@ Columns:
   labels: the floor and its noise band) and of unconditional sets (read against random draws of real digits, whose
   class counts wander as an unconditional model's do); sharpness, the mean absolute pixel difference between
   neighbours relative to real digits' (1 = as sharp as the data; blur lowers it);
-- diversity: recall and class coverage of the unconditional sets, and mode collapse: the share of classes that get
-  fewer than 5% of the unconditional samples (the digits classifier's predictions);
+- diversity: recall, class coverage and mode collapse: the share of classes that get fewer than 5% of the samples
+  (the digits classifier's predictions);
 - stability: FD mean +- std over `--seeds` seeds, runs that diverged (a non-finite loss, or an FD no better than the
-  pure-noise calibration set) or collapsed (two or more classes below 5% of the unconditional samples);
+  pure-noise calibration set) or collapsed (two or more classes below 5% of the samples);
 - speed: model calls per image, images/s at batch 64 on this CPU (one timed batch after one warm-up batch), and the
   training time.
 
-The results file renders the seeds' table beside ours, cell by cell, with a verdict computed from the numbers.
+The results file renders the seeds' table beside ours, cell by cell, with a verdict computed from the numbers. The
+verdicts read every family on one footing (`quality`): the sample set it was built to draw, as a multiple of real
+digits drawn the same way: class-matched sets for the class-conditional GAN and diffusion rows, the prior for the
+VAE. (The unconditional sets differ by family: a diffusion model's null class trains on a tenth of the batches.)
+`--render <json>` recomputes a saved run's summary and verdicts with the current rules.
 Writes benchmarks/results/families-<date>.md (+ .json, -samples.png). Needs matplotlib (the `bench` extra).
 """
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -173,6 +178,15 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Instead of the comparison: train every setting of gan.TUNING_GRID for --budget_minutes (interleaved,"
         " seed 0) and write families-gan-tuning-<date>.md.",
+    )
+    parser.add_argument(
+        "--render",
+        type=str,
+        default=None,
+        help=(
+            "A families-<date>.json of an earlier run: recompute its summary and verdicts from its measurements with"
+            " this version's rules and rewrite its .md and .json (no training, no sampling)."
+        ),
     )
     parser.add_argument(
         "--work_dir",
@@ -510,53 +524,76 @@ def summarize(results: list[dict], calibration: dict) -> dict[str, dict]:
             entry[kind] = {name: float(np.mean([s[name] for s in scored])) for name in scored[0]} if scored else None
             fds = [s["fd"] for s in scored]
             entry[f"{kind}_fd_std"] = float(np.std(fds, ddof=1)) if len(fds) > 1 else float("nan")
+        # failures on the footing of `quality`: the class-matched samples of class-conditional rows
+        scored = [run["conditional"] or run["unconditional"] for run in runs]
         entry["diverged"] = sum(
             1
-            for run in runs
+            for run, score in zip(runs, scored)
             if (run["final_loss"] is not None and not math.isfinite(run["final_loss"]))
-            or not math.isfinite(run["unconditional"]["fd"])
-            or run["unconditional"]["fd"] >= noise_fd
+            or not math.isfinite(score["fd"])
+            or score["fd"] >= noise_fd
         )
         entry["collapsed"] = sum(
-            1 for run in runs if round(run["unconditional"]["mode_collapse"] * NUM_CLASSES) >= COLLAPSED_CLASSES
+            1 for score in scored if round(score["mode_collapse"] * NUM_CLASSES) >= COLLAPSED_CLASSES
         )
         entry["training_seconds"] = float(np.mean([run["training_seconds"] for run in runs]))
         entry["seeds"] = len(runs)
     return summary
 
 
-def family_best(summary: dict, family: str) -> tuple[str, dict] | None:
-    """The family's row with the lowest unconditional FD (its best showing)."""
+def quality(entry: dict, calibration: dict) -> dict:
+    """A row's quality on one footing for every family: the FD of the samples it was built to draw, as a multiple of
+    real digits drawn the same way. Class-conditional rows (GAN, diffusion) are scored on their class-matched samples
+    against the class-matched floor; the VAE, which has no classes, on its prior samples against the random-draw
+    floor. (The "unconditional" sets are not one footing: a GAN draws random classes, a diffusion model its null
+    class, which trains on a tenth of the batches.)"""
+    kind, floor = (
+        ("conditional", CONDITIONAL_FLOOR) if entry["conditional"] else ("unconditional", UNCONDITIONAL_FLOOR)
+    )
+    fd, floor_fd = entry[kind]["fd"], calibration[floor]["fd"]
+    return {
+        "kind": kind,
+        "fd": fd,
+        "fd_std": entry[f"{kind}_fd_std"],
+        "floor": floor_fd,
+        "ratio": fd / floor_fd,
+        # twice the floor's draw-to-draw spread, in the same multiples
+        "band": 2 * calibration[floor]["fd_std"] / floor_fd,
+        "blurred": calibration["real, blurred sigma=1 px"]["fd"] / calibration[CONDITIONAL_FLOOR]["fd"],
+    }
+
+
+def family_best(summary: dict, family: str, calibration: dict) -> tuple[str, dict] | None:
+    """The family's row of the best quality (its best showing)."""
     best = None
     for name, entry in summary.items():
-        if entry["family"] == family and (
-            best is None or entry["unconditional"]["fd"] < best[1]["unconditional"]["fd"]
-        ):
-            best = (name, entry)
-    return best
+        ratio = quality(entry, calibration)["ratio"] if entry["family"] == family else math.inf
+        if ratio < math.inf and (best is None or ratio < best[0]):
+            best = (ratio, name, entry)
+    return None if best is None else best[1:]
 
 
 def verdicts(summary: dict, calibration: dict) -> dict[str, dict[str, tuple[str, str]]]:
     """(our cell, verdict) per trait and family, computed from the measurements."""
-    best = {family: family_best(summary, family) for family in ("GAN", "VAE", "diffusion")}
+    best = {family: family_best(summary, family, calibration) for family in ("GAN", "VAE", "diffusion")}
     present = {family: item for family, item in best.items() if item is not None}
     floor = calibration[UNCONDITIONAL_FLOOR]
-    band = 2 * floor["fd_std"]
-    blurred = calibration["real, blurred sigma=1 px"]["fd"]
     cells = {trait: {} for trait in SEED_CLAIMS}
-    fds = {family: entry["unconditional"]["fd"] for family, (_, entry) in present.items()}
-    recalls = {family: entry["unconditional"]["recall"] for family, (_, entry) in present.items()}
+    scores = {family: quality(entry, calibration) for family, (_, entry) in present.items()}
+    recalls = {family: entry[scores[family]["kind"]]["recall"] for family, (_, entry) in present.items()}
     for family, (name, entry) in present.items():
-        un = entry["unconditional"]
-        lowest = min(fds.values())
-        near_best = fds[family] <= lowest + band
+        score = scores[family]
+        # every trait on the quality footing: the sample set the row was built to draw
+        un = entry[score["kind"]]
+        lowest = min(other["ratio"] for other in scores.values())
+        near_best = score["ratio"] <= lowest + score["band"]
         # quality: "very high" = among the best (within the floor's noise band) and better than 1 px of blur
         claims_high = family in ("GAN", "diffusion")
-        high = near_best and fds[family] < blurred
-        sharp = un["sharpness"]
+        high = near_best and score["ratio"] < score["blurred"]
+        sharp = entry[score["kind"]]["sharpness"]
         cell = (
-            f"FD {fmt(un['fd'])} (floor {fmt(floor['fd'])}), precision {fmt(un['precision'], 3)},"
-            f" sharpness {fmt(sharp)}"
+            f"FD {fmt(score['fd'])} = {fmt(score['ratio'])}x real ({score['kind']}), precision"
+            f" {fmt(entry[score['kind']]['precision'], 3)}, sharpness {fmt(sharp)}"
         )
         if claims_high:
             holds = high and (family != "GAN" or sharp >= 0.9)
@@ -573,17 +610,14 @@ def verdicts(summary: dict, calibration: dict) -> dict[str, dict[str, tuple[str,
         else:
             holds = recalls[family] == max(recalls.values()) and collapse == 0
         cells["diversity"][family] = (cell, "holds" if holds else "does not hold")
-        # stability: over seeds
-        std = entry["unconditional_fd_std"]
+        # stability: over seeds, on the quality footing
         failures = entry["diverged"] + entry["collapsed"]
-        cell = f"FD {fmt(un['fd'])} +- {fmt(std)} over {entry['seeds']} seeds, {failures} failed"
+        cell = f"FD {fmt(score['fd'])} +- {fmt(score['fd_std'])} over {entry['seeds']} seeds, {failures} failed"
         if entry["seeds"] < 2:
             verdict = "not measured (1 seed)"
         else:
-            stds = {
-                f: e["unconditional_fd_std"] / max(e["unconditional"]["fd"], 1e-9) for f, (_, e) in present.items()
-            }
-            unstable = failures > 0 or stds[family] == max(stds.values())
+            spreads = {f: other["fd_std"] / max(other["fd"], 1e-9) for f, other in scores.items()}
+            unstable = failures > 0 or spreads[family] == max(spreads.values())
             verdict = "holds" if unstable == (family == "GAN") else "does not hold"
         cells["stability"][family] = (cell, verdict)
     # speed: calls per image and images/s; diffusion's slowest and fastest rows
@@ -619,14 +653,17 @@ def seed_table(cells: dict) -> list[str]:
 
 def results_table(summary: dict) -> list[str]:
     lines = [
-        "| row | FD cond. | precision cond. | FD uncond. (mean +- std) | precision | recall | coverage |"
-        " mode collapse | sharpness | diverged / collapsed | calls / image | images/s (batch 64) | training s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| row | FD cond. (mean +- std) | precision cond. | recall cond. | FD uncond. (mean +- std) | precision |"
+        " recall | coverage | mode collapse | sharpness | diverged / collapsed | calls / image | images/s (batch 64) |"
+        " training s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in summary.items():
         cond, un = entry["conditional"], entry["unconditional"]
+        cond_fd = f"{fmt(cond['fd'])} +- {fmt(entry['conditional_fd_std'])}" if cond else "n/a"
         lines.append(
-            f"| {name} | {fmt(cond['fd']) if cond else 'n/a'} | {fmt(cond['precision'], 3) if cond else 'n/a'} |"
+            f"| {name} | {cond_fd} |"
+            f" {fmt(cond['precision'], 3) if cond else 'n/a'} | {fmt(cond['recall'], 3) if cond else 'n/a'} |"
             f" {fmt(un['fd'])} +- {fmt(entry['unconditional_fd_std'])} | {fmt(un['precision'], 3)} |"
             f" {fmt(un['recall'], 3)} | {fmt(un['class_coverage'])} | {fmt(un['mode_collapse'])} |"
             f" {fmt(un['sharpness'])} | {entry['diverged']} / {entry['collapsed']} of {entry['seeds']} |"
@@ -668,11 +705,15 @@ def markdown(data: dict, args) -> str:
         "- Unconditional: diffusion = null class at guidance 1; GAN = class drawn uniformly; VAE = z ~ N(0, I)",
     ]
     lines += [f"- {note}" for note in data["notes"]]
+    if data.get("rendered"):
+        lines.append(f"- Summary and verdicts: {data['rendered']}")
     lines += ["", "## The seeds' table beside ours", ""] + seed_table(data["verdicts"])
     lines += [
         "",
-        "Verdict rules (computed): quality is 'very high' when a family's unconditional FD is within twice the"
-        " floor's noise band of the best family and below real digits blurred by 1 px, 'sharp' when its sharpness is"
+        "Verdict rules (computed): quality is a family's best row's FD as a multiple of real digits drawn the same"
+        " way (class-conditional rows: class-matched samples against the class-matched floor; the VAE: prior samples"
+        " against the random-draw floor); 'very high' when that multiple is within twice the floor's noise band of"
+        " the best family's and below that of real digits blurred by 1 px, 'sharp' when its sharpness is"
         " >= 0.9 of real digits', 'average, blurry' the opposite; GAN diversity is 'poor' when its recall is the"
         " lowest or a class collapses, diffusion's 'excellent' when its recall is the highest and nothing collapses;"
         " 'unstable' means a failed run or the largest relative FD spread over seeds; one-step speed means 1 call"
@@ -722,7 +763,19 @@ def tune_gan(args, scorer: Scorer, base: Path, log):
     )
 
 
+def render(path: Path):
+    """Rewrite an earlier run's results from its measurements: summary, verdicts and Markdown by today's rules."""
+    data = json.loads(path.read_text())
+    data["summary"] = summarize(data["results"], data["calibration"])
+    data["verdicts"] = verdicts(data["summary"], data["calibration"])
+    data["rendered"] = f"verdicts recomputed by `{harness.command_line()}` ({harness.utc_now()})"
+    harness.write_results(path.with_suffix(""), markdown(data, argparse.Namespace(**data["args"])), data)
+
+
 def main(args: argparse.Namespace):
+    if args.render:
+        render(Path(args.render))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.monotonic()

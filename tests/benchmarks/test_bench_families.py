@@ -12,6 +12,7 @@ import bench_families  # noqa: E402
 
 
 CALIBRATION = {
+    bench_families.CONDITIONAL_FLOOR: {"fd": 5.0, "fd_std": 0.5, "recall": 0.9},
     bench_families.UNCONDITIONAL_FLOOR: {"fd": 10.0, "fd_std": 1.0, "recall": 0.9},
     "real, blurred sigma=1 px": {"fd": 30.0},
     "pure noise N(0, 1)": {"fd": 400.0},
@@ -95,6 +96,68 @@ def test_summary_counts_diverged_and_collapsed_runs():
     entry = bench_families.summarize(results, CALIBRATION)["GAN"]
     assert (entry["diverged"], entry["collapsed"], entry["seeds"]) == (2, 1, 5)
     assert entry["unconditional"]["fd"] == pytest.approx(116.0)
+
+
+def test_class_conditional_rows_are_judged_on_their_class_matched_samples():
+    """A diffusion model's null class trains on a tenth of the batches; its class-matched samples are what it was
+    built to draw, and what the GAN's "unconditional" random-class samples also are."""
+    results = seed_like_results()
+    for entry in results:
+        if entry["family"] == "diffusion":
+            # a weak null class (FD 80 against the random-draw floor 10), strong class-matched samples (6 against 5)
+            entry["conditional"] = {**entry["unconditional"], "fd": 6.0, "recall": 0.92}
+            entry["unconditional"] = {**entry["unconditional"], "fd": 80.0, "recall": 0.5}
+    summary = bench_families.summarize(results, CALIBRATION)
+    score = bench_families.quality(summary["U-Net, 50 steps"], CALIBRATION)
+    assert (score["kind"], score["ratio"], score["blurred"]) == ("conditional", pytest.approx(1.2), 6.0)
+    assert bench_families.quality(summary["VAE"], CALIBRATION)["kind"] == "unconditional"
+    cells = bench_families.verdicts(summary, CALIBRATION)
+    assert cells["quality"]["diffusion"] == (
+        "FD 6.00 = 1.20x real (conditional), precision 0.900, sharpness 1.00 [U-Net, 50 steps]",
+        "holds",
+    )
+    assert cells["diversity"]["diffusion"][0].startswith("recall 0.920")
+
+
+def test_render_recomputes_the_verdicts_of_a_saved_run(tmp_path):
+    import json
+
+    import harness
+
+    args = bench_families.parse_args(["--seeds", "2"])
+    data = {
+        "date": "2026-12-02 04:00 UTC",
+        "command": "python benchmarks/bench_families.py --seeds 2",
+        "machine": harness.machine_info(),
+        "load": {"start": [0.0, 0.0, 0.0]},
+        "args": vars(args),
+        # the full calibration rows a run writes
+        "calibration": {
+            name: {
+                "precision": 0.9,
+                "class_accuracy": 1.0,
+                "class_coverage": 1.0,
+                "class_entropy": 1.0,
+                "num_draws": 8,
+                "recall": 0.9,
+                **row,
+            }
+            for name, row in CALIBRATION.items()
+        },
+        "notes": [],
+        "results": seed_like_results(),
+        "summary": {},
+        "verdicts": {trait: {} for trait in bench_families.SEED_CLAIMS},
+        "status": "complete (1 min)",
+    }
+    path = tmp_path / "families-2026-12-02.json"
+    path.write_text(json.dumps(data))
+    bench_families.render(path)
+    rendered = json.loads(path.read_text())
+    assert rendered["verdicts"]["quality"]["diffusion"][1] == "holds"
+    assert rendered["summary"]["GAN"]["seeds"] == 2 and rendered["status"] == "complete (1 min)"
+    markdown = path.with_suffix(".md").read_text()
+    assert "verdicts recomputed by" in markdown and "| quality | diffusion | very high, fine detail |" in markdown
 
 
 def test_one_seed_leaves_stability_unmeasured():
