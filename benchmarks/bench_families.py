@@ -66,6 +66,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 
 import gan
@@ -565,12 +566,12 @@ def quality(entry: dict, calibration: dict) -> dict:
 
 def family_best(summary: dict, family: str, calibration: dict) -> tuple[str, dict] | None:
     """The family's row of the best quality (its best showing)."""
-    best = None
-    for name, entry in summary.items():
-        ratio = quality(entry, calibration)["ratio"] if entry["family"] == family else math.inf
-        if ratio < math.inf and (best is None or ratio < best[0]):
-            best = (ratio, name, entry)
-    return None if best is None else best[1:]
+    rows = [
+        (quality(entry, calibration)["ratio"], name, entry)
+        for name, entry in summary.items()
+        if entry["family"] == family
+    ]
+    return min(rows, key=itemgetter(0))[1:] if rows else None
 
 
 def verdicts(summary: dict, calibration: dict) -> dict[str, dict[str, tuple[str, str]]]:
