@@ -28,8 +28,9 @@ pytestmark = pytest.mark.filterwarnings(
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "training_scripts" / "train_sculpt.py"
 # accelerate 1.15 starts CPU processes with torchrun only through --multi_gpu; ACCELERATE_USE_CPU=1 (below) makes
-# them a gloo MULTI_CPU group
+# them a gloo MULTI_CPU group; port 0 makes accelerate pick a free port (other tests may launch at the same time)
 TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu"]
+TWO_PROCESSES += ["--main_process_port", "0"]
 TWO_PROCESSES += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 # A DiT of 1 block of width 16 (2 heads of 8) over 2x2 patches of 8x8 digits; 24 digits in batches of 4 per process
 # are 3 steps per epoch, so a resume from step 2 lands mid-epoch on both processes.

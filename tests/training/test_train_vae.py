@@ -30,13 +30,13 @@ OUTPUT_FILES += ["training_args.json"]
 
 def train_vae(output_dir: Path, *args: str, check: bool = True, num_processes: int = 1) -> subprocess.CompletedProcess:
     """`accelerate launch train_vae.py` with the tiny run's flags, offline, one thread per process; several processes
-    form a gloo MULTI_CPU group (as in test_train_sculpt.py's `launch_command`)."""
+    form a gloo MULTI_CPU group on a free port (as in test_train_sculpt.py's `launch_command`)."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("ACCELERATE_")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
     if num_processes > 1:
         env["ACCELERATE_USE_CPU"] = "1"
-        command.append("--multi_gpu")
+        command += ["--multi_gpu", "--main_process_port", "0"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *TINY_VAE]
     result = subprocess.run(
         [*command, "--output_dir", str(output_dir), *args], env=env, capture_output=True, text=True, timeout=600
