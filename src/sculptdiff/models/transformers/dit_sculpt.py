@@ -283,8 +283,7 @@ class SculptDiT2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin
         self.norm_out = AdaLayerNormContinuous(inner_dim, inner_dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(inner_dim, patch_size * patch_size * out_channels)
 
-        # DiT's initialize_weights: Xavier-uniform linear layers (the patch projection seen as one) with zero bias,
-        # N(0, 0.02) for the class table and the timestep MLP ...
+        # DiT's initialize_weights: Xavier-uniform linear layers (the patch projection seen as one) with zero bias ...
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -292,10 +291,10 @@ class SculptDiT2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin
                     nn.init.zeros_(module.bias)
         nn.init.xavier_uniform_(self.pos_embed.proj.weight.view(inner_dim, -1))
         nn.init.zeros_(self.pos_embed.proj.bias)
-        if self.class_embedding is not None:
-            nn.init.normal_(self.class_embedding.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.time_embedding.linear_1.weight, std=0.02)
-        nn.init.normal_(self.time_embedding.linear_2.weight, std=0.02)
+        # ... except the conditioning: DiT draws the class table and the timestep MLP from N(0, 0.02), which makes c
+        # tiny; over DiT's 400k steps that washes out, over a few thousand the class pathway stays unused (a digits DiT
+        # sampled at chance class accuracy after 400 steps). The class table keeps nn.Embedding's N(0, 1), as in the
+        # U-Net and diffusers' DiTTransformer2DModel, the timestep MLP Xavier: 64% class accuracy after 400 steps.
         # ... and adaLN-Zero: zero modulation, so every gate is 0 and every block the identity; zero final layer, so
         # the model predicts 0; zero cross-attention output (PixArt-alpha), since that branch has no gate
         zero_layers = [self.norm_out.linear, self.proj_out]
