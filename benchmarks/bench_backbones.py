@@ -65,12 +65,15 @@ TARGET_PEAK_FRACTION = 0.5
 # side of the square fp32 matrices whose product measures the machine's matmul peak
 MATMUL_SIZE = 2048
 
+# the smaller model of each family, as overrides of the recipe's config
+UNET_S = {"block_out_channels": (16, 32, 32), "attention_head_dim": 16}
+DIT_S = {"num_attention_heads": 4}
 # name -> (family, shape overrides of the recipe's config, learning-rate overrides of the recipe); "M" is the
 # recipe's own model of that family
 BACKBONES = {
-    "U-Net S": ("U-Net", {"block_out_channels": (16, 32, 32), "attention_head_dim": 16}, {}),
+    "U-Net S": ("U-Net", UNET_S, {}),
     "U-Net M": ("U-Net", {}, {}),
-    "DiT S": ("DiT", {"num_attention_heads": 4}, {}),
+    "DiT S": ("DiT", DIT_S, {}),
     "DiT M": ("DiT", {}, {}),
     # the DiT recipe probe (`--backbones "U-Net M" "DiT M" "DiT M, lr 3e-4" ...`): is the DiT's gap its learning
     # rate, its 2x2 patches or its depth?
@@ -78,6 +81,14 @@ BACKBONES = {
     "DiT M, lr 2e-3": ("DiT", {}, {"learning_rate": 2e-3, "lr_warmup_steps": 500}),
     "DiT patch 1": ("DiT", {"patch_size": 1, "num_attention_heads": 4, "num_layers": 4}, {}),
     "DiT deep": ("DiT", {"num_attention_heads": 4, "num_layers": 12}, {}),
+    # the learning-rate sweep of both families (`--backbones "U-Net M" "U-Net M, lr 2e-3" ...`): does the DiT want
+    # a larger rate than the recipe's, and would the U-Net gain from it too?
+    "U-Net M, lr 2e-3": ("U-Net", {}, {"learning_rate": 2e-3}),
+    "U-Net M, lr 4e-3": ("U-Net", {}, {"learning_rate": 4e-3}),
+    "U-Net S, lr 4e-3": ("U-Net", UNET_S, {"learning_rate": 4e-3}),
+    "DiT M, lr 4e-3": ("DiT", {}, {"learning_rate": 4e-3}),
+    "DiT S, lr 4e-3": ("DiT", DIT_S, {"learning_rate": 4e-3}),
+    "DiT M, lr 6e-3": ("DiT", {}, {"learning_rate": 6e-3}),
 }
 DEFAULT_BACKBONES = ["U-Net S", "U-Net M", "DiT S", "DiT M"]
 FAMILY_BUILDERS = {"U-Net": harness.build_sculpt_digits_unet, "DiT": harness.build_sculpt_digits_dit}
@@ -361,8 +372,8 @@ class Report:
             f"- Data: sklearn digits at {RESOLUTION} px, train split (70%) for the models; metrics against the held-out"
             " 30% (`sculptdiff.evaluation.digits`)",
             f"- Training: {args.train_minutes:g} min per model, interleaved; the recipe's epsilon objective, cosine"
-            f" betas, batch {RECIPE.train_batch_size}, AdamW lr {RECIPE.learning_rate:g} ({RECIPE.lr_warmup_steps}"
-            f" warm-up steps, cosine decay over the budget), clipping {RECIPE.max_grad_norm:g}, EMA"
+            f" betas, batch {RECIPE.train_batch_size}, AdamW lr {RECIPE.learning_rate:g} (the table's peak lr where a"
+            f" model changes it; {RECIPE.lr_warmup_steps} warm-up steps, cosine decay over the budget), clipping {RECIPE.max_grad_norm:g}, EMA"
             f" {RECIPE.ema_decay} (power {RECIPE.ema_power:g}), label dropout {RECIPE.conditioning_dropout_prob:g}",
             f"- Sampling: SculptScheduler eta=0 (DDIM) from the recipe's schedule, {args.num_samples} images per set"
             " (class i % 10 for image i, the same starting noise for every set)",
@@ -370,13 +381,13 @@ class Report:
         if data["models"]:
             lines += ["", "## Models and training (same budget, data, objective, batch, EMA, seed)", ""]
             lines += harness.table_header(
-                "model | family | changes (over the recipe's) | parameters | train GFLOP/image | steps | epochs | s/step"
-                " | training FLOPs | loss (last 100)"
+                "model | family | changes (over the recipe's) | peak lr | parameters | train GFLOP/image | steps |"
+                " epochs | s/step | training FLOPs | loss (last 100)"
             )
             for name, info in data["models"].items():
                 shape = ", ".join(f"{key}={value}" for key, value in info["shape"].items()) or "the recipe's"
                 lines.append(
-                    f"| {name} | {info['family']} | {shape} | {info['parameters']:,} |"
+                    f"| {name} | {info['family']} | {shape} | {info['learning_rate']:g} | {info['parameters']:,} |"
                     f" {info['flops_per_step'] / RECIPE.train_batch_size / 1e9:.3f} | {info.get('steps', '')} |"
                     f" {info.get('epochs', '')} | {format_number(info.get('seconds_per_step'), 3)} |"
                     f" {format_number(info.get('train_flops'), 2, 1e12)} TFLOP | {format_number(info.get('loss'), 4)} |"
@@ -560,6 +571,7 @@ def main(args: argparse.Namespace):
                 key: list(value) if isinstance(value, tuple) else value
                 for key, value in {**BACKBONES[run.name][1], **BACKBONES[run.name][2]}.items()
             },
+            "learning_rate": run.learning_rate,
             "parameters": sum(parameter.numel() for parameter in run.model.parameters()),
             "flops_per_step": run.flops_per_step,
         }

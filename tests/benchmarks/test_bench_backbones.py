@@ -101,10 +101,19 @@ def test_parse_args_refuses_a_step_list_without_the_target_and_snapshots_outside
         bench_backbones.parse_args(["--backbones", "DiT M", "DiT deep"])
 
 
-def test_the_dit_probe_changes_only_what_its_name_says():
+def test_every_probe_changes_only_what_its_name_says():
     probe = bench_backbones.BACKBONES
+    learning_rate_probes = 0
+    for name, (family, shape, schedule) in probe.items():
+        base, _, learning_rate = name.partition(", lr ")
+        if learning_rate:
+            # "<model>, lr X": the model's family and shape, the learning rate X (and at most a warm-up)
+            assert (family, shape) == probe[base][:2]
+            assert schedule["learning_rate"] == float(learning_rate)
+            assert set(schedule) <= {"learning_rate", "lr_warmup_steps"}
+            learning_rate_probes += 1
+    assert learning_rate_probes == 8
     assert probe["DiT M, lr 3e-4"] == ("DiT", {}, {"learning_rate": 3e-4})
-    assert probe["DiT M, lr 2e-3"][1] == {} and probe["DiT M, lr 2e-3"][2]["learning_rate"] == 2e-3
     assert probe["DiT patch 1"][1]["patch_size"] == 1 and probe["DiT deep"][1]["num_layers"] == 12
     # the learning rate reaches the optimiser through the run's schedule: warm-up step 1 of 500, cosine at 0
     torch.manual_seed(0)
