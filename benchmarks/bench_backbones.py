@@ -373,7 +373,8 @@ class Report:
             " 30% (`sculptdiff.evaluation.digits`)",
             f"- Training: {args.train_minutes:g} min per model, interleaved; the recipe's epsilon objective, cosine"
             f" betas, batch {RECIPE.train_batch_size}, AdamW lr {RECIPE.learning_rate:g} (the table's peak lr where a"
-            f" model changes it; {RECIPE.lr_warmup_steps} warm-up steps, cosine decay over the budget), clipping {RECIPE.max_grad_norm:g}, EMA"
+            f" model changes it; {RECIPE.lr_warmup_steps} warm-up steps, cosine decay over the budget), clipping"
+            f" {RECIPE.max_grad_norm:g}, EMA"
             f" {RECIPE.ema_decay} (power {RECIPE.ema_power:g}), label dropout {RECIPE.conditioning_dropout_prob:g}",
             f"- Sampling: SculptScheduler eta=0 (DDIM) from the recipe's schedule, {args.num_samples} images per set"
             " (class i % 10 for image i, the same starting noise for every set)",

@@ -69,8 +69,8 @@ def launch_command(output_dir: Path, *args: str, num_processes: int = 1, model: 
     launcher = LAUNCH + ["--num_processes", str(num_processes)]
     if num_processes > 1:
         # accelerate 1.15 starts CPU processes with torchrun only through --multi_gpu; ACCELERATE_USE_CPU=1 makes
-        # them a gloo MULTI_CPU group (`--cpu --num_processes 2` would run a single process). Port 0: accelerate picks a
-        # free port, so two launches at once (pytest -n 2) do not join one rendezvous on the default 29500 and hang
+        # them a gloo MULTI_CPU group (`--cpu --num_processes 2` would run a single process). Port 0: accelerate picks
+        # a free port, so two launches at once (pytest -n 2) do not join one rendezvous on the default 29500 and hang
         launcher += ["--multi_gpu", "--main_process_port", "0"]
     return [*launcher, str(SCRIPT), *model, "--output_dir", str(output_dir), *args]
 

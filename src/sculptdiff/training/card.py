@@ -358,10 +358,10 @@ def build_distilled_model_card(args: argparse.Namespace, pipeline: SculptPipelin
 
     Args:
         args: the distillation's arguments; read: `output_dir`, `push_to_hub`, `hub_model_id`, `dataset_name`,
-            `train_data_dir`, `image_column`, `teacher`, `model_card_template`, `w_min`, `w_max`, `num_ddim_timesteps`, `loss_type`,
-            `timestep_scaling_factor`, `ema_decay`, `time_cond_proj_dim`, `learning_rate`, `lr_scheduler`,
-            `lr_warmup_steps`, `max_train_steps`, `use_ema`, `seed`, `validation_inference_steps`,
-            `validation_guidance_scale`.
+            `train_data_dir`, `image_column`, `teacher`, `model_card_template`, `w_min`, `w_max`,
+            `num_ddim_timesteps`, `loss_type`, `timestep_scaling_factor`, `ema_decay`, `time_cond_proj_dim`,
+            `learning_rate`, `lr_scheduler`, `lr_warmup_steps`, `max_train_steps`, `use_ema`, `seed`,
+            `validation_inference_steps`, `validation_guidance_scale`.
         pipeline: the saved student pipeline (its `denoiser` and `LCMScheduler`).
         run: what the run measured.
     """
