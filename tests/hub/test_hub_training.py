@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import launching
 import numpy as np
 import pytest
 import torch
@@ -76,12 +77,10 @@ def add_local_only_files(folder: Path):
 
 
 def train(launcher: list[str], env: dict, output_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return launching.run(
         [*launcher, str(SCRIPT), *TINY_RUN, "--output_dir", str(output_dir), *args],
         env=env,
         cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import launching
 import numpy as np
 import pytest
 import torch
@@ -46,12 +47,10 @@ WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 
 
 def train_two_processes(env: dict, output_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
+    result = launching.run(
         [*TWO_PROCESSES, str(SCRIPT), *TINY_DIT_RUN, "--output_dir", str(output_dir), *args],
         env={**env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
         cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-5000:]

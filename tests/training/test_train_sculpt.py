@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import launching
 import numpy as np
 import pytest
 import torch
@@ -85,12 +86,10 @@ def train(
 ):
     """Run train_sculpt.py with `model` (the tiny run and denoiser flags) and `args`."""
     env = env or subprocess_env(**({"ACCELERATE_USE_CPU": "1"} if num_processes > 1 else {}))
-    result = subprocess.run(
+    result = launching.run(
         launch_command(output_dir, *args, num_processes=num_processes, model=model),
         env=env,
         cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     if check:

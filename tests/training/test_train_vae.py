@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import launching
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -38,9 +39,7 @@ def train_vae(output_dir: Path, *args: str, check: bool = True, num_processes: i
         env["ACCELERATE_USE_CPU"] = "1"
         command += ["--multi_gpu", "--main_process_port", "0"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *TINY_VAE]
-    result = subprocess.run(
-        [*command, "--output_dir", str(output_dir), *args], env=env, capture_output=True, text=True, timeout=600
-    )
+    result = launching.run([*command, "--output_dir", str(output_dir), *args], env=env, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr[-5000:]
     return result
