@@ -89,6 +89,10 @@ BACKBONES = {
     "DiT M, lr 4e-3": ("DiT", {}, {"learning_rate": 4e-3}),
     "DiT S, lr 4e-3": ("DiT", DIT_S, {"learning_rate": 4e-3}),
     "DiT M, lr 6e-3": ("DiT", {}, {"learning_rate": 6e-3}),
+    # the long-skip ablation (`--backbones "U-Net S, lr 4e-3" "DiT S, lr 4e-3" "DiT S, no skips, lr 4e-3" ...`): the
+    # recipe's DiT has U-ViT's long skips; what do they buy at equal time?
+    "DiT S, no skips": ("DiT", {**DIT_S, "long_skip_connections": False}, {}),
+    "DiT S, no skips, lr 4e-3": ("DiT", {**DIT_S, "long_skip_connections": False}, {"learning_rate": 4e-3}),
 }
 DEFAULT_BACKBONES = ["U-Net S", "U-Net M", "DiT S", "DiT M"]
 FAMILY_BUILDERS = {"U-Net": harness.build_sculpt_digits_unet, "DiT": harness.build_sculpt_digits_dit}

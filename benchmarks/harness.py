@@ -243,7 +243,7 @@ def build_sculpt_digits_unet(
 def build_sculpt_digits_dit(
     resolution: int, prediction_type: str = RECIPE.prediction_type, **shape
 ) -> SculptDiT2DModel:
-    """The recipe's class-conditional 1-channel DiT for the digits (1,058,500 parameters), as train_sculpt.py
+    """The recipe's class-conditional 1-channel DiT for the digits (1,114,084 parameters), as train_sculpt.py
     `--model_type dit` builds it; `shape` overrides entries of the recipe's DiT config (other sizes)."""
     return build_dit(**digits_model_config(resolution, prediction_type), **shape)
 

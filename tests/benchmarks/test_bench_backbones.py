@@ -16,7 +16,7 @@ import bench_backbones  # noqa: E402
 import harness  # noqa: E402
 
 from sculptdiff.training.objective import diffusion_loss  # noqa: E402
-from sculptdiff.training.recipe import RECIPE, build_noise_scheduler  # noqa: E402
+from sculptdiff.training.recipe import RECIPE, build_noise_scheduler, default_dit_config  # noqa: E402
 
 
 def tiny_dit(num_layers=2, heads=2, head_dim=8):
@@ -60,8 +60,8 @@ def test_backbones_are_the_recipes_models_and_one_smaller_of_each_family():
     assert sizes == {
         "U-Net S": ("SculptUNet2DModel", 300_641),
         "U-Net M": ("SculptUNet2DModel", 1_192_641),
-        "DiT S": ("SculptDiT2DModel", 478_340),
-        "DiT M": ("SculptDiT2DModel", 1_058_500),
+        "DiT S": ("SculptDiT2DModel", 503_108),
+        "DiT M": ("SculptDiT2DModel", 1_114_084),
     }
     # "M" is what train_sculpt.py builds by default for each --model_type
     assert bench_backbones.BACKBONES["U-Net M"][1] == bench_backbones.BACKBONES["DiT M"][1] == {}
@@ -112,8 +112,11 @@ def test_every_probe_changes_only_what_its_name_says():
             assert schedule["learning_rate"] == float(learning_rate)
             assert set(schedule) <= {"learning_rate", "lr_warmup_steps"}
             learning_rate_probes += 1
-    assert learning_rate_probes == 8
+    assert learning_rate_probes == 9
     assert probe["DiT M, lr 3e-4"] == ("DiT", {}, {"learning_rate": 3e-4})
+    # the ablation removes the long skips of the recipe's DiT, and only them
+    assert default_dit_config()["long_skip_connections"]
+    assert probe["DiT S, no skips"] == ("DiT", {**probe["DiT S"][1], "long_skip_connections": False}, {})
     assert probe["DiT patch 1"][1]["patch_size"] == 1 and probe["DiT deep"][1]["num_layers"] == 12
     # the learning rate reaches the optimiser through the run's schedule: warm-up step 1 of 500, cosine at 0
     torch.manual_seed(0)

@@ -83,20 +83,28 @@ def test_output_shape(overrides, conditioning, height, width):
     assert model(sample, timestep, return_dict=False, **conditioning)[0].shape == output.sample.shape
 
 
-def test_fresh_model_is_the_identity_on_its_residual_stream_and_predicts_zero():
-    # adaLN-Zero (DiT section 3.2): zero modulation, so every gate is 0; zero final layer; zero cross-attention output
+@pytest.mark.parametrize(("num_layers", "long_skip_connections"), [(2, False), (4, True)])
+def test_fresh_model_is_the_identity_on_its_residual_stream_and_predicts_zero(num_layers, long_skip_connections):
+    # adaLN-Zero (DiT section 3.2): zero modulation, so every gate is 0; zero final layer; zero cross-attention output;
+    # the long skips' merges start as the mean of their two inputs, which a fresh model makes equal
     torch.manual_seed(0)
-    model = SculptDiT2DModel(**tiny_config(num_class_embeds=3, cross_attention_dim=12)).eval()
+    config = tiny_config(num_class_embeds=3, cross_attention_dim=12, num_layers=num_layers)
+    model = SculptDiT2DModel(**config, long_skip_connections=long_skip_connections).eval()
     sample, timestep = make_inputs(model)
     records = record_blocks(model)
 
     output = model(sample, timestep, encoder_hidden_states=make_text(), class_labels=torch.tensor([0, 1])).sample
 
-    assert len(records) == 2
+    assert len(records) == num_layers
     for block_input, block_output in records:
         assert block_input.abs().max() > 0.1
-        assert torch.equal(block_output, block_input)
+        # (x + x) / 2 may round in the last bit
+        torch.testing.assert_close(block_output, block_input, rtol=0, atol=1e-6 if long_skip_connections else 0)
     assert torch.equal(output, torch.zeros_like(output))
+    merges = [block.skip_linear for block in model.transformer_blocks if block.skip_linear is not None]
+    assert len(merges) == num_layers // 2 if long_skip_connections else not merges
+    for merge in merges:
+        assert torch.equal(merge.weight, torch.cat([torch.eye(16), torch.eye(16)], dim=1) / 2) and not merge.bias.any()
     # the branches themselves are not zero: the gates close them
     block = model.transformer_blocks[0]
     assert block.self_attention.to_out[0].weight.any() and block.feed_forward.net[2].weight.any()
@@ -132,6 +140,55 @@ def test_a_fresh_model_learns_every_layer():
         optimizer.zero_grad()
     assert [name for name, received in received_gradient.items() if not received] == []
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("num_layers", [4, 5])
+def test_long_skips_join_each_block_of_the_first_half_to_its_mirror(num_layers):
+    # U-ViT: block i of the first num_layers // 2 feeds block num_layers - 1 - i; an odd middle block has none
+    model = build_model(num_layers=num_layers, long_skip_connections=True)
+    has_skip = [block.skip_linear is not None for block in model.transformer_blocks]
+    assert has_skip == [False] * (num_layers - num_layers // 2) + [True] * (num_layers // 2)
+    # the skip is read: another skip tensor changes the block's output
+    last, stream, embedding = model.transformer_blocks[-1], torch.randn(2, 16, 16), torch.randn(2, 16)
+    assert not torch.allclose(last(stream, embedding, skip=stream), last(stream, embedding, skip=stream + 1))
+
+    index_of = {block: index for index, block in enumerate(model.transformer_blocks)}
+    outputs, skips = {}, {}
+
+    def record_output(block, inputs, output):
+        outputs[index_of[block]] = output
+
+    def record_skip(block, inputs):
+        skips[index_of[block]] = inputs[4]
+
+    for block in model.transformer_blocks:
+        block.register_forward_hook(record_output)
+        block.register_forward_pre_hook(record_skip)
+    sample, timestep = make_inputs(model)
+    model(sample, timestep)
+    for index in range(num_layers):
+        mirror = num_layers - 1 - index
+        if has_skip[index]:
+            assert skips[index] is outputs[mirror]
+        else:
+            assert skips[index] is None
+
+
+def test_gradient_checkpointing_with_long_skips_gives_the_same_gradients():
+    model = build_model(num_layers=4, long_skip_connections=True, num_class_embeds=3).train()
+    sample, timestep = make_inputs(model)
+
+    def gradients():
+        model.zero_grad()
+        model(sample, timestep, class_labels=torch.tensor([0, 2])).sample.square().mean().backward()
+        return {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+
+    reference = gradients()
+    model.enable_gradient_checkpointing()
+    checkpointed = gradients()
+    assert reference["transformer_blocks.3.skip_linear.weight"].any()
+    for name in reference:
+        torch.testing.assert_close(checkpointed[name], reference[name], msg=name)
 
 
 def test_the_conditioning_starts_at_the_scale_of_the_other_layers():
@@ -238,8 +295,20 @@ def test_no_split_modules_names_the_block():
     )
 
 
-def test_compile_repeated_blocks_compiles_each_transformer_block():
-    model = build_model(num_class_embeds=3)
+def test_torch_compile_traces_the_long_skips_in_one_graph():
+    model = build_model(num_class_embeds=3, num_layers=5, long_skip_connections=True)
+    sample, timestep = make_inputs(model)
+    labels = torch.tensor([0, 3])
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        expected = model(sample, timestep, class_labels=labels).sample
+        torch.testing.assert_close(compiled(sample, timestep, class_labels=labels).sample, expected)
+
+
+@pytest.mark.parametrize("long_skip_connections", [False, True])
+def test_compile_repeated_blocks_compiles_each_transformer_block(long_skip_connections):
+    # with long skips, the blocks of the second half take one more input: one graph for each kind of block
+    model = build_model(num_class_embeds=3, num_layers=4, long_skip_connections=long_skip_connections)
     sample, timestep = make_inputs(model)
     labels = torch.tensor([0, 3])
     expected = model(sample, timestep, class_labels=labels).sample

@@ -177,6 +177,13 @@ def test_model_card_of_a_dit_pipeline_names_the_transformer(build_tiny_dit):
     assert f"| parameters | {sum(p.numel() for p in transformer.parameters()):,} |" in text
     assert "| patch_size | 2 |" in text and "| num_layers | 2 |" in text and "| num_attention_heads | 2 |" in text
     assert "| attention_head_dim | 8 |" in text and "block_out_channels" not in text
+    assert "| long_skip_connections | False |" in text
+    # with U-ViT's long skips, the architecture says how many: one per block of the first half
+    scheduler = SculptFlowScheduler(num_train_timesteps=100)
+    skips = SculptPipeline(transformer=build_tiny_dit(num_layers=5, long_skip_connections=True), scheduler=scheduler)
+    text = build_model_card(run_args(), skips, RUN).text
+    assert "a SculptDiT2DModel (DiT, patch 2, 5 layers, width 16, 2 long skips) that denoises" in text
+    assert "| long_skip_connections | True |" in text
 
 
 def test_build_model_card_reads_the_pipeline_the_args_and_the_run():

@@ -38,8 +38,10 @@ def test_default_dit_is_the_size_of_the_default_unet():
     dit = recipe.build_dit(**DIGITS, prediction_type="flow")
     assert type(dit) is SculptDiT2DModel
     # the size the help of train_sculpt.py's DiT flags quotes: about the default U-Net's 1.19M
-    assert sum(parameter.numel() for parameter in dit.parameters()) == 1_058_500
+    assert sum(parameter.numel() for parameter in dit.parameters()) == 1_114_084
     assert (dit.config.patch_size, dit.config.num_layers) == (2, 6)
+    # U-ViT's long skips into the last three blocks
+    assert [block.skip_linear is not None for block in dit.transformer_blocks] == [False] * 3 + [True] * 3
     assert (dit.config.num_attention_heads, dit.config.attention_head_dim) == (6, 16)
     assert dit.config.prediction_type == "flow" and dit.config.num_class_embeds == 10
 

@@ -582,6 +582,7 @@ def test_bad_input_fails_before_the_first_step(script, tmp_path, args, message):
         (["--model_type", "dit", "--block_out_channels", "8", "16", "--norm_num_groups", "4"],
          "--block_out_channels --norm_num_groups: not a flag of --model_type dit, whose shape flags are --patch_size"),
         (["--num_layers", "2"], "--num_layers: not a flag of --model_type unet"),
+        (["--no-long_skip_connections"], "--long_skip_connections: not a flag of --model_type unet"),
         (["--model_type", "dit", "--num_attention_heads", "0"], "--num_attention_heads must be >= 1, got 0"),
     ],
 )  # fmt: skip
@@ -687,3 +688,11 @@ def test_dit_resolution_must_be_a_multiple_of_the_patch(script, tmp_path):
         match=re.escape("--resolution 10 cannot pass through this DiT: it must be a multiple of 4 (patches of 4)"),
     ):
         script.main(script.parse_args(args + ["--resolution", "10", "--num_layers", "1"]))
+
+
+@pytest.mark.parametrize(("flags", "skips"), [([], [False, True]), (["--no-long_skip_connections"], [False, False])])
+def test_the_dit_has_long_skips_unless_told_otherwise(script, flags, skips):
+    args = script.parse_args(["--model_type", "dit", "--num_layers", "2", "--report_to", "none", *flags])
+    dit = script.load_or_build_denoiser(args, {"sample_size": 8, "in_channels": 1, "out_channels": 1})
+    assert [block.skip_linear is not None for block in dit.transformer_blocks] == skips
+    assert dit.config.long_skip_connections == (not flags)

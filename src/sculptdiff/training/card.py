@@ -155,15 +155,19 @@ def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: Tr
         names = None
     prediction_type = denoiser_config.get("prediction_type") or pipeline.scheduler.config.prediction_type
     if pipeline.transformer is not None:
+        # U-ViT's long skips join the first half of the blocks to the second: none in a 1-block DiT
+        long_skips = denoiser_config.num_layers // 2 if denoiser_config.long_skip_connections else 0
         architecture = (
             f"{type(denoiser).__name__} (DiT, patch {denoiser_config.patch_size}, {denoiser_config.num_layers} layers,"
-            f" width {denoiser_config.num_attention_heads * denoiser_config.attention_head_dim})"
+            f" width {denoiser_config.num_attention_heads * denoiser_config.attention_head_dim}"
+            f"{f', {long_skips} long skips' if long_skips else ''})"
         )
         shape = {
             "patch_size": denoiser_config.patch_size,
             "num_layers": denoiser_config.num_layers,
             "num_attention_heads": denoiser_config.num_attention_heads,
             "attention_head_dim": denoiser_config.attention_head_dim,
+            "long_skip_connections": denoiser_config.long_skip_connections,
         }
     else:
         channels = ", ".join(str(width) for width in denoiser_config.block_out_channels)
@@ -273,7 +277,8 @@ def render_model_card(
     Args:
         template_path: the Jinja template (the training script passes `model_cards/sculpt_model_card.md`).
         model_id: what the usage snippet loads: the Hub repo id when pushed, else the local output folder.
-        architecture: the denoiser, named with its shape, e.g. "SculptDiT2DModel (DiT, patch 2, 6 layers, width 96)".
+        architecture: the denoiser, named with its shape, e.g. "SculptDiT2DModel (DiT, patch 2, 6 layers, width 96,
+            3 long skips)".
         conditioning: "class", "text" or "none".
         dataset_name: a Hub dataset id, a local path, or "sklearn-digits" for the built-in digits.
         dataset_description: one sentence about the data.
