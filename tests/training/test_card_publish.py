@@ -186,6 +186,15 @@ def test_model_card_of_a_dit_pipeline_names_the_transformer(build_tiny_dit):
     assert "| long_skip_connections | True |" in text
 
 
+def test_model_card_of_a_stock_dit_pipeline_names_it_without_long_skips(build_tiny_stock_dit):
+    """diffusers' DiTTransformer2DModel (fine-tuned as it is) has no `long_skip_connections` in its config."""
+    transformer = build_tiny_stock_dit(in_channels=1, out_channels=2)
+    pipeline = SculptPipeline(transformer=transformer, scheduler=SculptScheduler(num_train_timesteps=100))
+    text = build_model_card(run_args(), pipeline, replace(RUN, conditioning_dropout_prob=0.1)).text
+    assert "a DiTTransformer2DModel (DiT, patch 2, 1 layers, width 16) that denoises" in text
+    assert "| long_skip_connections | False |" in text
+
+
 def test_build_model_card_reads_the_pipeline_the_args_and_the_run():
     id2label = {0: "zero", 1: "one", 2: "two"}
     pipeline = tiny_pipeline(num_class_embeds=3, id2label=id2label)

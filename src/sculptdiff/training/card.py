@@ -155,8 +155,10 @@ def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: Tr
         names = None
     prediction_type = denoiser_config.get("prediction_type") or pipeline.scheduler.config.prediction_type
     if pipeline.transformer is not None:
-        # U-ViT's long skips join the first half of the blocks to the second: none in a 1-block DiT
-        long_skips = denoiser_config.num_layers // 2 if denoiser_config.long_skip_connections else 0
+        # U-ViT's long skips join the first half of the blocks to the second: none in a 1-block DiT, nor in
+        # diffusers' DiTTransformer2DModel, whose config has no such entry
+        long_skip_connections = denoiser_config.get("long_skip_connections", False)
+        long_skips = denoiser_config.num_layers // 2 if long_skip_connections else 0
         architecture = (
             f"{type(denoiser).__name__} (DiT, patch {denoiser_config.patch_size}, {denoiser_config.num_layers} layers,"
             f" width {denoiser_config.num_attention_heads * denoiser_config.attention_head_dim}"
@@ -167,7 +169,7 @@ def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: Tr
             "num_layers": denoiser_config.num_layers,
             "num_attention_heads": denoiser_config.num_attention_heads,
             "attention_head_dim": denoiser_config.attention_head_dim,
-            "long_skip_connections": denoiser_config.long_skip_connections,
+            "long_skip_connections": long_skip_connections,
         }
     else:
         channels = ", ".join(str(width) for width in denoiser_config.block_out_channels)
