@@ -68,6 +68,8 @@ MATMUL_SIZE = 2048
 # the smaller model of each family, as overrides of the recipe's config
 UNET_S = {"block_out_channels": (16, 32, 32), "attention_head_dim": 16}
 DIT_S = {"num_attention_heads": 4}
+# ... and DiT S without the recipe's long skips (DiT's plain stack)
+DIT_S_PLAIN = {**DIT_S, "long_skip_connections": False}
 # name -> (family, shape overrides of the recipe's config, learning-rate overrides of the recipe); "M" is the
 # recipe's own model of that family
 BACKBONES = {
@@ -91,8 +93,8 @@ BACKBONES = {
     "DiT M, lr 6e-3": ("DiT", {}, {"learning_rate": 6e-3}),
     # the long-skip ablation (`--backbones "U-Net S, lr 4e-3" "DiT S, lr 4e-3" "DiT S, no skips, lr 4e-3" ...`): the
     # recipe's DiT has U-ViT's long skips; what do they buy at equal time?
-    "DiT S, no skips": ("DiT", {**DIT_S, "long_skip_connections": False}, {}),
-    "DiT S, no skips, lr 4e-3": ("DiT", {**DIT_S, "long_skip_connections": False}, {"learning_rate": 4e-3}),
+    "DiT S, no skips": ("DiT", DIT_S_PLAIN, {}),
+    "DiT S, no skips, lr 4e-3": ("DiT", DIT_S_PLAIN, {"learning_rate": 4e-3}),
 }
 DEFAULT_BACKBONES = ["U-Net S", "U-Net M", "DiT S", "DiT M"]
 FAMILY_BUILDERS = {"U-Net": harness.build_sculpt_digits_unet, "DiT": harness.build_sculpt_digits_dit}

@@ -35,7 +35,8 @@ def run(
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        tree = psutil.Process(process.pid).children(recursive=True) + [psutil.Process(process.pid)]
+        launcher = psutil.Process(process.pid)
+        tree = launcher.children(recursive=True) + [launcher]
         # workers first: the launcher reacts to its workers' deaths by killing them without a word
         for member in tree:
             signal_quietly(member, signal.SIGABRT)
