@@ -10,6 +10,7 @@ tree, and fails the test with that output: a deadlocked collective shows where e
 import os
 import signal
 import subprocess
+import time
 
 import psutil
 import pytest
@@ -37,10 +38,15 @@ def run(
     except subprocess.TimeoutExpired:
         launcher = psutil.Process(process.pid)
         tree = launcher.children(recursive=True) + [launcher]
-        # workers first: the launcher reacts to its workers' deaths by killing them without a word
+        # Frozen first, so that no launcher reacts to a worker's death by killing its siblings without a word; then
+        # one process at a time, workers first, because processes sharing a stderr pipe that dump at once interleave
+        # their stacks line by line (faulthandler writes in many small pieces).
+        for member in tree:
+            signal_quietly(member, signal.SIGSTOP)
         for member in tree:
             signal_quietly(member, signal.SIGABRT)
-        psutil.wait_procs(tree, timeout=STACK_DUMP_SECONDS)
+            signal_quietly(member, signal.SIGCONT)
+            wait_for_end(member, timeout=STACK_DUMP_SECONDS)
         for member in tree:
             signal_quietly(member, signal.SIGKILL)
         stdout, stderr = process.communicate()
@@ -57,3 +63,16 @@ def signal_quietly(member: psutil.Process, signum: signal.Signals):
         member.send_signal(signum)
     except psutil.NoSuchProcess:
         pass
+
+
+def wait_for_end(member: psutil.Process, timeout: float):
+    """Wait until `member` has ended, or at most `timeout` seconds. An ended worker stays a zombie while its frozen
+    parent does not reap it, which `psutil.Process.wait` would take for alive."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if member.status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.01)
