@@ -154,6 +154,14 @@ def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: Tr
         conditioning = "text" if denoiser_config.get("cross_attention_dim") is not None else "none"
         names = None
     prediction_type = denoiser_config.get("prediction_type") or pipeline.scheduler.config.prediction_type
+    conditioning_dropout_prob = run.conditioning_dropout_prob
+    if conditioning_dropout_prob is None:
+        if "conditioning_dropout_prob" not in denoiser_config:
+            raise ValueError(
+                f"The {type(denoiser).__name__} config has no conditioning_dropout_prob (a stock diffusers denoiser):"
+                " pass the rate the run dropped the condition at, as TrainingRun(conditioning_dropout_prob=...)."
+            )
+        conditioning_dropout_prob = denoiser_config.conditioning_dropout_prob
     if pipeline.transformer is not None:
         # U-ViT's long skips join the first half of the blocks to the second: none in a 1-block DiT, nor in
         # diffusers' DiTTransformer2DModel, whose config has no such entry
@@ -184,11 +192,7 @@ def build_model_card(args: argparse.Namespace, pipeline: SculptPipeline, run: Tr
         "prediction_type": prediction_type,
         "num_train_timesteps": pipeline.scheduler.config.num_train_timesteps,
         "beta_schedule": pipeline.scheduler.config.get("beta_schedule", "n/a (flow)"),
-        "conditioning_dropout_prob": (
-            run.conditioning_dropout_prob
-            if run.conditioning_dropout_prob is not None
-            else denoiser_config.conditioning_dropout_prob
-        ),
+        "conditioning_dropout_prob": conditioning_dropout_prob,
         **shape,
         "parameters": f"{sum(parameter.numel() for parameter in denoiser.parameters()):,}",
         **run.optimization_hyperparameters(args),
