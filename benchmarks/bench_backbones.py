@@ -4,6 +4,7 @@
 
     python benchmarks/bench_backbones.py --threads 1             # 8 minutes of training per model, 500 samples
     python benchmarks/bench_backbones.py --threads 1 --quick     # the whole path in a few minutes
+    python benchmarks/bench_backbones.py --combine a.json b.json  # means over runs of one command at several seeds
 
 Four class-conditional denoisers, two sizes per family (`DEFAULT_BACKBONES`): the recipe's U-Net and DiT
 (`sculptdiff.training.recipe`, what `train_sculpt.py --model_type unet|dit` builds) and a smaller one of each. All
@@ -33,9 +34,16 @@ Measured, each from this one run:
 
 Writes benchmarks/results/backbones-<date>.md (+ .json, .png) through harness.py, rewritten after each scored set so
 that a run stopped early reports what it measured. Needs matplotlib for the PNG (the `bench` extra).
+
+One run is one draw: the cosine decay follows each model's clock, so no two runs train step-for-step alike, and the
+same DiT at the same seed has scored FD 9.7 in one run and 11.0 in the next. `--combine` reads the results of one
+command run at several `--seed` values (in parallel on separate cores, say) and writes
+backbones-<date>-<n>-seeds.md (+ .json): each model's FD mean +- std over the seeds, the target's verdict on the means,
+and the paired per-seed differences between the models of a family (the ablations).
 """
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -133,12 +141,25 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         choices=list(BACKBONES),
         help="The models to train (`BACKBONES`); the default is the four of the comparison, the others probe the DiT.",
     )
+    parser.add_argument(
+        "--combine",
+        type=str,
+        nargs="+",
+        default=None,
+        metavar="RESULTS_JSON",
+        help=(
+            "Train nothing: combine these results files of one command run at different --seed values (means over"
+            " the seeds, the verdict on the means, paired differences within a family)."
+        ),
+    )
     parser.add_count(
         "efficiency_steps",
         5,
         "Timed forward + backward passes per model and round (the efficiency's diagnostic column).",
     )
     args = parser.parse_args(input_args)
+    if args.combine is not None and len(args.combine) < 2:
+        raise ValueError(f"--combine needs the results of at least 2 seeds (a spread), got {args.combine}.")
     if {"U-Net", "DiT"} - {BACKBONES[name][0] for name in args.backbones}:
         raise ValueError(f"--backbones must include a U-Net and a DiT (the comparison), got {args.backbones}.")
     if TARGET_STEPS not in args.steps or min(args.steps) < 1:
@@ -553,7 +574,159 @@ def scoring_plan(args: argparse.Namespace, runs: list[BackboneRun]) -> list[tupl
     return plan
 
 
+# the arguments of runs that are combined must agree on: one command, up to --seed and where it wrote
+COMBINED_ARGS = ("backbones", "train_minutes", "num_samples", "steps", "snapshots", "threads", "quick")
+
+
+def load_repeats(paths: list[str]) -> list[dict]:
+    """The results files `paths`, checked to be complete runs of one command at distinct seeds."""
+    repeats = []
+    for path in paths:
+        try:
+            repeats.append(json.loads(Path(path).read_text(encoding="utf-8")))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a results file of bench_backbones.py (invalid JSON: {error}).") from error
+    for path, data in zip(paths, repeats):
+        if not data["status"].startswith("complete"):
+            raise ValueError(
+                f"{path} is a run that did not finish (status {data['status']!r}): combine complete runs only."
+            )
+        differ = [name for name in COMBINED_ARGS if data["args"][name] != repeats[0]["args"][name]]
+        if differ:
+            raise ValueError(
+                f"{path} differs from {paths[0]} in {', '.join(f'--{name}' for name in differ)}: combine runs of one"
+                " command that differ only in --seed."
+            )
+    seeds = [data["args"]["seed"] for data in repeats]
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"The results repeat a seed ({seeds}): combine runs of distinct --seed values.")
+    return repeats
+
+
+def summarize_seeds(repeats: list[dict]) -> list[dict]:
+    """One row per model and scored set (budget fraction, steps, guidance) that every run scored: its FD and class
+    accuracy per seed (in the order of `repeats`), the FD's mean, sample std and standard error."""
+    rows = {}
+    for data in repeats:
+        for cell in data["cells"]:
+            key = (cell["model"], cell["fraction"], cell["steps"], cell["guidance"])
+            row = rows.setdefault(
+                key,
+                {
+                    **dict(zip(("model", "fraction", "steps", "guidance"), key)),
+                    "family": cell["family"],
+                    "seeds": [],
+                    "fd": [],
+                    "class_accuracy": [],
+                    "steps_trained": [],
+                },
+            )
+            row["seeds"].append(data["args"]["seed"])
+            for name in ("fd", "class_accuracy", "steps_trained"):
+                row[name].append(cell[name])
+    complete = [row for row in rows.values() if len(row["seeds"]) == len(repeats)]
+    for row in complete:
+        row["fd_mean"] = statistics.mean(row["fd"])
+        row["fd_std"] = statistics.stdev(row["fd"])
+        row["fd_standard_error"] = row["fd_std"] / math.sqrt(len(row["fd"]))
+    return complete
+
+
+def seed_verdicts(rows: list[dict], num_seeds: int) -> list[str]:
+    """The target's verdict on the mean FDs over the seeds, and the paired per-seed FD differences between the models
+    of a family at each budget fraction (the ablations: same seed, same data order and noise, one change)."""
+    targets = [row for row in rows if (row["steps"], row["guidance"]) == (TARGET_STEPS, 1.0)]
+    finals = [row for row in targets if row["fraction"] == 1.0]
+    best = {
+        family: min((row for row in finals if row["family"] == family), key=itemgetter("fd_mean"))
+        for family in FAMILY_BUILDERS
+    }
+    dit, unet = best["DiT"], best["U-Net"]
+    ratio = dit["fd_mean"] / unet["fd_mean"]
+    per_seed = [dit_fd / unet_fd for dit_fd, unet_fd in zip(dit["fd"], unet["fd"])]
+    met_seeds = sum(seed_ratio <= TARGET_FD_RATIO for seed_ratio in per_seed)
+    text = (
+        f"- FD at {TARGET_STEPS} steps over {num_seeds} seeds, best DiT by its mean ({dit['model']}, {dit['fd_mean']:.2f}"
+        f" +- {dit['fd_std']:.2f}) vs best U-Net by its mean ({unet['model']}, {unet['fd_mean']:.2f} +-"
+        f" {unet['fd_std']:.2f}): ratio of the means {ratio:.2f} (target <= {TARGET_FD_RATIO}); per seed"
+        f" {min(per_seed):.2f}-{max(per_seed):.2f}, within the target in {met_seeds} of {num_seeds} seeds"
+    )
+    lines = [harness.target_line(text, ratio <= TARGET_FD_RATIO)]
+    for first in targets:
+        for second in targets:
+            same_set = (first["family"], first["fraction"]) == (second["family"], second["fraction"])
+            if same_set and first["model"] < second["model"]:
+                differences = [a - b for a, b in zip(first["fd"], second["fd"])]
+                budget = "the whole budget" if first["fraction"] == 1.0 else f"{first['fraction']:g} of the budget"
+                lines.append(
+                    f"- `{first['model']}` minus `{second['model']}`, FD at {TARGET_STEPS} steps after {budget}:"
+                    f" {statistics.mean(differences):+.2f} +-"
+                    f" {statistics.stdev(differences):.2f} over the seeds (per seed"
+                    f" {', '.join(f'{difference:+.2f}' for difference in differences)}; `{first['model']}` better in"
+                    f" {sum(difference < 0 for difference in differences)} of {num_seeds})"
+                )
+    return lines
+
+
+def combine(args: argparse.Namespace) -> str:
+    """`--combine`: the means over the seeds of several runs of one command, written to
+    backbones-<date>-<n>-seeds.md/.json in `args.output_dir`; returns the markdown."""
+    repeats = load_repeats(args.combine)
+    rows = summarize_seeds(repeats)
+    data = {
+        **harness.results_header(args),
+        "runs": [
+            {name: data[name] for name in ("date", "command", "machine", "load")} | {"path": path}
+            for path, data in zip(args.combine, repeats)
+        ],
+        "rows": rows,
+        "verdicts": seed_verdicts(rows, len(repeats)),
+    }
+    first = repeats[0]
+    lines = [
+        f"# DiT vs U-Net on the digits over {len(repeats)} seeds ({data['date']})",
+        "",
+        *harness.header_lines(data["command"], data["machine"], data["load"]),
+        f"- Runs combined: `{first['command']}` at --seed"
+        f" {', '.join(str(data['args']['seed']) for data in repeats)}; {first['args']['train_minutes']:g} min of"
+        f" training per model, {first['args']['num_samples']} images per set (each run's own file has its models,"
+        " efficiency and calibration)",
+        "",
+        *harness.table_header("results file | seed | date | machine | load after training | steps trained"),
+    ]
+    for path, data_of_run in zip(args.combine, repeats):
+        machine = data_of_run["machine"]
+        steps = ", ".join(f"{name} {info['steps']}" for name, info in data_of_run["models"].items())
+        lines.append(
+            f"| {Path(path).name} | {data_of_run['args']['seed']} | {data_of_run['date']} | {machine['cpu']},"
+            f" {machine['torch_threads']} threads | {data_of_run['load']['after training'][0]:.1f} | {steps} |"
+        )
+    lines += ["", "## Verdicts (on the means over the seeds)", ""]
+    lines += harness.noise_band_lines(first["calibration"], first["args"]["num_samples"]) + data["verdicts"]
+    lines += [
+        "",
+        "## FD per model and set over the seeds",
+        "",
+        *harness.table_header(
+            "model | budget fraction | steps | w | FD mean | std | standard error | FD per seed | class acc. (mean)"
+        ),
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['fraction']:g} | {row['steps']} | {row['guidance']:g} | {row['fd_mean']:.2f} |"
+            f" {row['fd_std']:.2f} | {row['fd_standard_error']:.2f} | {', '.join(f'{fd:.2f}' for fd in row['fd'])} |"
+            f" {100 * statistics.mean(row['class_accuracy']):.1f}% |"
+        )
+    markdown = "\n".join(lines) + "\n"
+    base = Path(args.output_dir) / f"backbones-{data['date'][:10]}-{len(repeats)}-seeds"
+    harness.write_results(base, markdown, data)
+    return markdown
+
+
 def main(args: argparse.Namespace):
+    if args.combine:
+        print(combine(args))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     report = Report(args)

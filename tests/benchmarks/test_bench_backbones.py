@@ -1,5 +1,6 @@
 """benchmarks/bench_backbones.py: its FLOP count, its model sizes, its scaling fit and the verdicts it prints."""
 
+import json
 import math
 import sys
 from dataclasses import fields
@@ -209,3 +210,96 @@ def test_backbone_run_keeps_the_ema_weights_once_when_its_clock_passes_a_snapsho
     run.train_step(0.8)
     assert run.snapshots[0.5][1] is kept
     assert any(not torch.equal(weight, shadow) for weight, shadow in zip(kept, run.ema.shadow_params))
+
+
+ABLATION = ["--backbones", "U-Net S", "DiT S", "DiT S, no skips", "--steps", "10", "--snapshots", "0.5"]
+
+
+def results_file(tmp_path, seed: int, fds: dict[str, float], *extra: str, snapshot_fd: float | None = 20.0):
+    """A results file of an ablation run at `seed` as bench_backbones writes it, its final FDs at 10 steps `fds`."""
+    report = bench_backbones.Report(
+        bench_backbones.parse_args([*ABLATION, "--seed", str(seed), "--output_dir", str(tmp_path), *extra])
+    )
+    report.base = tmp_path / f"seed{seed}"
+    report.data["status"] = "complete (32 min)"
+    report.data["load"]["after training"] = (2.0, 2.0, 2.0)
+    report.data["models"] = {name: {"family": name.split()[0], "steps": 1000 + seed} for name in fds}
+    for name, fd in fds.items():
+        family = bench_backbones.BACKBONES[name][0]
+        report.data["cells"].append(cell(name, family, fd) | {"class_accuracy": 0.9, "steps_trained": 1000})
+        if snapshot_fd is not None:
+            report.data["cells"].append(
+                cell(name, family, snapshot_fd + seed, fraction=0.5) | {"class_accuracy": 0.8, "steps_trained": 500}
+            )
+    # the JSON as Report.save writes it (the markdown would want every column of a real run)
+    harness.write_results(report.base, "", report.data)
+    return str(report.base.with_suffix(".json"))
+
+
+def test_combine_reports_the_means_over_seeds_the_verdict_on_them_and_paired_differences(tmp_path):
+    seeds = {0: (8.0, 10.0, 11.0), 1: (9.0, 12.0, 11.0), 2: (10.0, 14.0, 20.0)}
+    paths = [
+        results_file(tmp_path, seed, dict(zip(["U-Net S", "DiT S", "DiT S, no skips"], fds)))
+        for seed, fds in seeds.items()
+    ]
+    args = bench_backbones.parse_args(["--output_dir", str(tmp_path / "out"), "--combine", *paths])
+
+    markdown = bench_backbones.combine(args)
+
+    # means 9, 12, 14: the best DiT by its mean is DiT S; per-seed ratios 1.25, 1.33, 1.40
+    assert (
+        "best DiT by its mean (DiT S, 12.00 +- 2.00) vs best U-Net by its mean (U-Net S, 9.00 +- 1.00): ratio of the"
+        " means 1.33 (target <= 1.25); per seed 1.25-1.40, within the target in 1 of 3 seeds: **missed**"
+    ) in markdown
+    # paired per seed: -1, +1, -6 at the end; the snapshots are equal (20 + seed for every model)
+    assert (
+        "`DiT S` minus `DiT S, no skips`, FD at 10 steps after the whole budget: -2.00 +- 3.61 over the seeds (per seed"
+        " -1.00, +1.00, -6.00; `DiT S` better in 2 of 3)"
+    ) in markdown
+    assert "after 0.5 of the budget: +0.00 +- 0.00" in markdown
+    # no pair across families
+    assert "`DiT S` minus `U-Net S`" not in markdown and "`U-Net S` minus" not in markdown
+    assert "| U-Net S | 1 | 10 | 1 | 9.00 | 1.00 | 0.58 | 8.00, 9.00, 10.00 | 90.0% |" in markdown
+    written = json.loads((tmp_path / "out" / f"backbones-{harness.utc_now()[:10]}-3-seeds.json").read_text())
+    assert [run["path"] for run in written["runs"]] == paths
+    assert {(row["model"], row["fraction"]): row["seeds"] for row in written["rows"]}[("DiT S", 0.5)] == [0, 1, 2]
+    assert (tmp_path / "out" / f"backbones-{harness.utc_now()[:10]}-3-seeds.md").read_text() == markdown
+
+
+def test_combine_leaves_out_a_set_that_not_every_run_scored(tmp_path):
+    fds = {"U-Net S": 8.0, "DiT S": 10.0}
+    paths = [results_file(tmp_path, 0, fds), results_file(tmp_path, 1, fds, snapshot_fd=None)]
+    combined = bench_backbones.summarize_seeds(bench_backbones.load_repeats(paths))
+    assert {(row["model"], row["fraction"]) for row in combined} == {("U-Net S", 1.0), ("DiT S", 1.0)}
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("unfinished", "did not finish \\(status 'running'\\): combine complete runs only"),
+        ("other budget", "differs from .*seed0.json in --train_minutes: combine runs of one command"),
+        ("same seed", "repeat a seed \\(\\[0, 0\\]\\)"),
+        ("corrupt", "is not a results file of bench_backbones.py \\(invalid JSON"),
+    ],
+)
+def test_combine_refuses_runs_that_are_not_one_command_at_distinct_seeds(tmp_path, problem, message):
+    fds = {"U-Net S": 8.0, "DiT S": 10.0}
+    first = results_file(tmp_path, 0, fds)
+    second = results_file(tmp_path, 0 if problem == "same seed" else 1, fds)
+    if problem == "same seed":
+        second = str(Path(second).rename(tmp_path / "copy.json"))
+        first = results_file(tmp_path, 0, fds)
+    if problem == "unfinished":
+        data = json.loads(Path(second).read_text())
+        Path(second).write_text(json.dumps(data | {"status": "running"}))
+    if problem == "other budget":
+        second = results_file(tmp_path, 1, fds, "--train_minutes", "20")
+    if problem == "corrupt":
+        Path(second).write_text(Path(second).read_text()[:100])
+    with pytest.raises(ValueError, match=message):
+        bench_backbones.load_repeats([first, second])
+
+
+def test_combine_needs_two_results_files():
+    with pytest.raises(ValueError, match="--combine needs the results of at least 2 seeds"):
+        bench_backbones.parse_args(["--combine", "one.json"])
