@@ -676,8 +676,8 @@ def combine(args: argparse.Namespace) -> str:
     data = {
         **harness.results_header(args),
         "runs": [
-            {name: data[name] for name in ("date", "command", "machine", "load")} | {"path": path}
-            for path, data in zip(args.combine, repeats)
+            {name: run[name] for name in ("date", "command", "machine", "load")} | {"path": path}
+            for path, run in zip(args.combine, repeats)
         ],
         "rows": rows,
         "verdicts": seed_verdicts(rows, len(repeats)),
@@ -688,18 +688,17 @@ def combine(args: argparse.Namespace) -> str:
         "",
         *harness.header_lines(data["command"], data["machine"], data["load"]),
         f"- Runs combined: `{first['command']}` at --seed"
-        f" {', '.join(str(data['args']['seed']) for data in repeats)}; {first['args']['train_minutes']:g} min of"
+        f" {', '.join(str(run['args']['seed']) for run in repeats)}; {first['args']['train_minutes']:g} min of"
         f" training per model, {first['args']['num_samples']} images per set (each run's own file has its models,"
         " efficiency and calibration)",
         "",
         *harness.table_header("results file | seed | date | machine | load after training | steps trained"),
     ]
-    for path, data_of_run in zip(args.combine, repeats):
-        machine = data_of_run["machine"]
-        steps = ", ".join(f"{name} {info['steps']}" for name, info in data_of_run["models"].items())
+    for path, run in zip(args.combine, repeats):
+        steps = ", ".join(f"{name} {info['steps']}" for name, info in run["models"].items())
         lines.append(
-            f"| {Path(path).name} | {data_of_run['args']['seed']} | {data_of_run['date']} | {machine['cpu']},"
-            f" {machine['torch_threads']} threads | {data_of_run['load']['after training'][0]:.1f} | {steps} |"
+            f"| {Path(path).name} | {run['args']['seed']} | {run['date']} | {run['machine']['cpu']},"
+            f" {run['machine']['torch_threads']} threads | {run['load']['after training'][0]:.1f} | {steps} |"
         )
     lines += ["", "## Verdicts (on the means over the seeds)", ""]
     lines += harness.noise_band_lines(first["calibration"], first["args"]["num_samples"]) + data["verdicts"]

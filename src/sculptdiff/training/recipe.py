@@ -99,8 +99,8 @@ def default_dit_config() -> dict:
         "attention_head_dim": 16,
         "mlp_ratio": 4.0,
         "dropout": 0.0,
-        # U-ViT's long skips: a lower FD at a quarter and half of a 10-minute budget in every paired run; at its end
-        # level with the plain stack or behind it, within a run-to-run spread as large (results/backbones-*-skips*)
+        # U-ViT's long skips: over six seeds of a 10-minute budget, FD 3.5 +- 1.5 lower at half the budget (in every
+        # seed) and level at its end, 0.3 +- 2.2 (benchmarks/results/backbones-2026-12-02-6-seeds.md)
         "long_skip_connections": True,
     }
 
