@@ -53,8 +53,16 @@ def test_a_hung_run_fails_with_the_stacks_of_every_process_and_kills_the_detache
     assert report.count("Fatal Python error: Aborted") == 3
     assert len(WORKER_STACK.findall(report)) == 2
     assert report.rindex("line 3 in wait_for_peer") < report.index("in <module>\n\nstdout:")
-    worker_pids = [int(pid) for pid in report.split("stdout:\n")[1].split()]
+    stdout, summary = report.split("stdout:\n")[1].split("Where each process was")
+    worker_pids = [int(pid) for pid in stdout.split()]
     assert len(worker_pids) == 2
+    # it ends with a line per process, workers first, which an excerpt of head and tail keeps (CI's);
+    # the launcher waits in the standard library, so its own code's frame follows
+    workers_line_0, workers_line_1, launcher_line = summary.splitlines()[1:]
+    assert sorted([workers_line_0, workers_line_1]) == [
+        f"  pid {pid}: <string>:3 in wait_for_peer" for pid in sorted(worker_pids)
+    ]
+    assert re.fullmatch(r"  pid \d+: subprocess.py:\d+ in _try_wait <- <string>:\d+ in <module>", launcher_line)
     for pid in worker_pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
@@ -70,3 +78,39 @@ def test_subprocess_run_alone_would_leave_the_detached_worker_running():
     finally:
         for pid in worker_pids:
             psutil.Process(pid).kill()
+
+
+# a rank hung in a C++ destructor at its script's last line, as in CI: the signal lands on a gloo thread, which has no
+# Python frame, so the main thread (listed last) says where the rank was
+NATIVE_THREAD_REPORT = """\
+Fatal Python error: Aborted
+
+Current thread 0x00007fa99f6fe6c0 (most recent call first):
+  <no Python frame>
+
+Thread 0x00007fa99ceff6c0 (most recent call first):
+  File "/usr/lib/python3.11/threading.py", line 331 in wait
+  File "/venv/lib/python3.11/site-packages/tqdm/_monitor.py", line 69 in run
+
+Thread 0x00007fa9dd224b80 (most recent call first):
+  File "/repo/training_scripts/train_vae.py", line 454 in <module>
+
+Extension modules: numpy._core._multiarray_umath (total: 1)
+Fatal Python error: Aborted
+
+Current thread 0x00007fc96c5f1b80 (most recent call first):
+  File "/venv/lib/python3.11/site-packages/torch/distributed/elastic/agent/server/api.py", line 923 in _invoke_run
+  File "/venv/lib/python3.11/site-packages/accelerate/commands/launch.py", line 1423 in <module>
+  File "<frozen runpy>", line 88 in _run_code
+"""
+
+
+def test_the_summary_takes_the_main_thread_when_the_signal_hit_a_native_thread():
+    summary = launching.where_they_were(["pid 7, rank 1", "pid 5"], NATIVE_THREAD_REPORT)
+    assert summary.splitlines()[1:] == [
+        "  pid 7, rank 1: train_vae.py:454 in <module> (main thread)",
+        "  pid 5: api.py:923 in _invoke_run",
+    ]
+    # a report missing (a process that had ended) would pair the others with the wrong processes: they are numbered
+    summary = launching.where_they_were(["pid 8", "pid 7, rank 1", "pid 5"], NATIVE_THREAD_REPORT)
+    assert summary.splitlines()[1] == "  report 1 of 2 (3 processes): train_vae.py:454 in <module> (main thread)"

@@ -10,6 +10,8 @@ which reads the flags of `sculptdiff.training.arguments`' run, optimisation and 
 """
 
 import argparse
+import atexit
+import gc
 import logging
 import os
 
@@ -25,6 +27,10 @@ from .publish import SECRET_ARGS
 
 
 logger = get_logger(__name__, log_level="INFO")
+
+# Python handles of the default process group, held from `make_accelerator` until the interpreter exits
+# (`keep_process_group`)
+KEPT_PROCESS_GROUPS = []
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -51,12 +57,36 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
     set_cpu_threads(accelerator, args.num_threads)
+    if torch.distributed.is_initialized():
+        keep_process_group()
 
     if args.seed is not None:
         set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     return accelerator
+
+
+def keep_process_group():
+    """Hold a Python handle of the default process group until the interpreter exits, so that the group's last
+    reference is that handle and not DDP's reducer.
+
+    Why: when a script returns, freeing a DDP model's reducer can drop the last reference to the gloo group, whose C++
+    destructor then joins gloo's worker threads while it holds the GIL. A worker still releasing the tensors of the
+    last collective (the closing barrier) waits for the GIL, and the process hangs at exit (torch 2.13; 2 hangs in 65
+    two-process train_vae.py runs on 2 cores). Freed from a Python handle, the group is destroyed with the GIL
+    released, so the handle is dropped last: at exit, after a collection frees any reference cycle holding a model.
+    """
+    # registered once however often a process keeps a group
+    atexit.unregister(release_process_groups)
+    atexit.register(release_process_groups)
+    KEPT_PROCESS_GROUPS.append(torch.distributed.group.WORLD)
+
+
+def release_process_groups():
+    """Drop what `keep_process_group` holds (at exit), once nothing else can hold the groups."""
+    gc.collect()
+    KEPT_PROCESS_GROUPS.clear()
 
 
 def set_cpu_threads(accelerator: Accelerator, num_threads: int | None) -> int:
