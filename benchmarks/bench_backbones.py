@@ -103,6 +103,11 @@ BACKBONES = {
     # recipe's DiT has U-ViT's long skips; what do they buy at equal time?
     "DiT S, no skips": ("DiT", DIT_S_PLAIN, {}),
     "DiT S, no skips, lr 4e-3": ("DiT", DIT_S_PLAIN, {"learning_rate": 4e-3}),
+    # the schedule probe (`--backbones "U-Net S, constant lr" "DiT S, constant lr"`): the DiT S halfway through 20-minute
+    # runs, its rate still at half the peak, scored better than at the end of 10-minute runs whose cosine decay
+    # reaches zero; does the decay cost the DiT at equal time?
+    "U-Net S, constant lr": ("U-Net", UNET_S, {"lr_scheduler": "constant_with_warmup"}),
+    "DiT S, constant lr": ("DiT", DIT_S, {"lr_scheduler": "constant_with_warmup"}),
 }
 DEFAULT_BACKBONES = ["U-Net S", "U-Net M", "DiT S", "DiT M"]
 FAMILY_BUILDERS = {"U-Net": harness.build_sculpt_digits_unet, "DiT": harness.build_sculpt_digits_dit}
@@ -400,7 +405,8 @@ class Report:
             " 30% (`sculptdiff.evaluation.digits`)",
             f"- Training: {args.train_minutes:g} min per model, interleaved; the recipe's epsilon objective, cosine"
             f" betas, batch {RECIPE.train_batch_size}, AdamW lr {RECIPE.learning_rate:g} (the table's peak lr where a"
-            f" model changes it; {RECIPE.lr_warmup_steps} warm-up steps, cosine decay over the budget), clipping"
+            f" model changes it; {RECIPE.lr_warmup_steps} warm-up steps, cosine decay over the budget unless the model's"
+            f" name says constant lr), clipping"
             f" {RECIPE.max_grad_norm:g}, EMA"
             f" {RECIPE.ema_decay} (power {RECIPE.ema_power:g}), label dropout {RECIPE.conditioning_dropout_prob:g}",
             f"- Sampling: SculptScheduler eta=0 (DDIM) from the recipe's schedule, {args.num_samples} images per set"

@@ -339,14 +339,22 @@ class DiffusionRun:
     generator: torch.Generator
     drop_labels_in_loop: bool = False  # stock UNet2DModel: the loop does the null-class dropout
     vae: object = None
-    # the peak learning rate and its linear warm-up (a recipe probe may change them)
+    # the peak learning rate, its linear warm-up and what follows (a recipe probe may change them): the recipe's
+    # "cosine" decay to zero over the budget, or "constant_with_warmup" (diffusers' names)
     learning_rate: float = RECIPE.learning_rate
     lr_warmup_steps: int = RECIPE.lr_warmup_steps
+    lr_scheduler: str = RECIPE.lr_scheduler
     batches: object = None
     seconds: float = 0.0
     steps: int = 0
     epochs: int = 0
     losses: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.lr_scheduler not in ("cosine", "constant_with_warmup"):
+            raise ValueError(
+                f"lr_scheduler {self.lr_scheduler!r}: a timed run knows 'cosine' and 'constant_with_warmup'."
+            )
 
     def next_batch(self) -> dict:
         if self.batches is None:
@@ -378,9 +386,11 @@ class DiffusionRun:
     def train_step(self, progress: float):
         """One optimisation step. `progress` (the spent fraction of the time budget) drives the learning rate: linear
         warm-up, then cosine decay over the budget (train_sculpt.py decays over --max_train_steps, unknown under a
-        time budget)."""
+        time budget) or, with `lr_scheduler="constant_with_warmup"`, the peak."""
         warmup = min(1.0, (self.steps + 1) / self.lr_warmup_steps)
-        decay = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        decay = 1.0
+        if self.lr_scheduler == "cosine":
+            decay = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate * warmup * decay
         batch = self.next_batch()
@@ -423,7 +433,7 @@ def build_diffusion_run(
     **schedule,
 ) -> DiffusionRun:
     """A `DiffusionRun` with the recipe's optimiser (AdamW), EMA and batch size; `schedule` may set its
-    `learning_rate` and `lr_warmup_steps`. Runs built with the same seed see the same batches in the same order and
+    `learning_rate`, `lr_warmup_steps` and `lr_scheduler`. Runs built with the same seed see the same batches in the same order and
     the same noise draws."""
     model.train()
     optimizer = torch.optim.AdamW(

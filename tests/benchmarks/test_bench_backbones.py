@@ -135,6 +135,40 @@ def test_every_probe_changes_only_what_its_name_says():
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 / 500)
 
 
+def test_the_schedule_probe_keeps_the_peak_rate_where_the_recipe_decays_it():
+    probe = bench_backbones.BACKBONES
+    for base in ["U-Net S", "DiT S"]:
+        family, shape, schedule = probe[f"{base}, constant lr"]
+        assert (family, shape, schedule) == (*probe[base][:2], {"lr_scheduler": "constant_with_warmup"})
+    rates = {}
+    for lr_scheduler in ["cosine", "constant_with_warmup"]:
+        torch.manual_seed(0)
+        run = harness.build_diffusion_run(
+            lr_scheduler,
+            tiny_dit(),
+            build_noise_scheduler(),
+            "epsilon",
+            harness.digits_train_dataset(8),
+            0,
+            lr_warmup_steps=1,
+            lr_scheduler=lr_scheduler,
+        )
+        run.train_step(0.75)
+        rates[lr_scheduler] = run.optimizer.param_groups[0]["lr"]
+    assert rates["cosine"] == pytest.approx(RECIPE.learning_rate * 0.5 * (1 + math.cos(0.75 * math.pi)))
+    assert rates["constant_with_warmup"] == RECIPE.learning_rate
+    with pytest.raises(ValueError, match="lr_scheduler 'linear': a timed run knows 'cosine' and"):
+        harness.build_diffusion_run(
+            "linear",
+            tiny_dit(),
+            build_noise_scheduler(),
+            "epsilon",
+            harness.digits_train_dataset(8),
+            0,
+            lr_scheduler="linear",
+        )
+
+
 def cell(model, family, fd, fraction=1.0, steps=10, guidance=1.0, train_flops=1e12):
     return {
         "model": model,
