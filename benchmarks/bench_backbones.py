@@ -103,9 +103,9 @@ BACKBONES = {
     # recipe's DiT has U-ViT's long skips; what do they buy at equal time?
     "DiT S, no skips": ("DiT", DIT_S_PLAIN, {}),
     "DiT S, no skips, lr 4e-3": ("DiT", DIT_S_PLAIN, {"learning_rate": 4e-3}),
-    # the schedule probe (`--backbones "U-Net S, constant lr" "DiT S, constant lr"`): the DiT S halfway through 20-minute
-    # runs, its rate still at half the peak, scored better than at the end of 10-minute runs whose cosine decay
-    # reaches zero; does the decay cost the DiT at equal time?
+    # the schedule probe (`--backbones "U-Net S, constant lr" "DiT S, constant lr"`): the DiT S halfway through
+    # 20-minute runs, its rate still at half the peak, scored better than at the end of 10-minute runs whose cosine
+    # decay reaches zero; does the decay cost the DiT at equal time?
     "U-Net S, constant lr": ("U-Net", UNET_S, {"lr_scheduler": "constant_with_warmup"}),
     "DiT S, constant lr": ("DiT", DIT_S, {"lr_scheduler": "constant_with_warmup"}),
 }

@@ -324,6 +324,10 @@ def digits_train_dataset(resolution: int):
     return dataset
 
 
+# what may follow a timed run's warm-up (diffusers' names): the recipe's decay to zero over the budget, or the peak
+TIMED_LR_SCHEDULERS = ("cosine", "constant_with_warmup")
+
+
 @dataclass
 class DiffusionRun:
     """One diffusion model under training: its network, objective, optimiser, EMA, data and clock. With a `vae`, it
@@ -339,8 +343,8 @@ class DiffusionRun:
     generator: torch.Generator
     drop_labels_in_loop: bool = False  # stock UNet2DModel: the loop does the null-class dropout
     vae: object = None
-    # the peak learning rate, its linear warm-up and what follows (a recipe probe may change them): the recipe's
-    # "cosine" decay to zero over the budget, or "constant_with_warmup" (diffusers' names)
+    # the peak learning rate, its linear warm-up and what follows (`TIMED_LR_SCHEDULERS`); a recipe probe may change
+    # them
     learning_rate: float = RECIPE.learning_rate
     lr_warmup_steps: int = RECIPE.lr_warmup_steps
     lr_scheduler: str = RECIPE.lr_scheduler
@@ -351,9 +355,9 @@ class DiffusionRun:
     losses: list = field(default_factory=list)
 
     def __post_init__(self):
-        if self.lr_scheduler not in ("cosine", "constant_with_warmup"):
+        if self.lr_scheduler not in TIMED_LR_SCHEDULERS:
             raise ValueError(
-                f"lr_scheduler {self.lr_scheduler!r}: a timed run knows 'cosine' and 'constant_with_warmup'."
+                f"lr_scheduler {self.lr_scheduler!r}: a timed run knows {' and '.join(map(repr, TIMED_LR_SCHEDULERS))}."
             )
 
     def next_batch(self) -> dict:
@@ -433,8 +437,8 @@ def build_diffusion_run(
     **schedule,
 ) -> DiffusionRun:
     """A `DiffusionRun` with the recipe's optimiser (AdamW), EMA and batch size; `schedule` may set its
-    `learning_rate`, `lr_warmup_steps` and `lr_scheduler`. Runs built with the same seed see the same batches in the same order and
-    the same noise draws."""
+    `learning_rate`, `lr_warmup_steps` and `lr_scheduler`. Runs built with the same seed see the same batches in the
+    same order and the same noise draws."""
     model.train()
     optimizer = torch.optim.AdamW(
         model.parameters(),

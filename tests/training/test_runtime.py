@@ -21,7 +21,7 @@ from sculptdiff.training.runtime import set_cpu_threads, step_progress_bar
 # destroys the group, as a training script does, then returns, which frees the model and its reducer: the exit of a
 # script, repeated. `release_process_groups` is what runs at exit. Without `keep_process_group` (argv[3] "0") freeing
 # the reducer destroys the group with the GIL held and hangs a run within a few dozen returns (at return 0 to 44 in
-# six tries). gc.freeze() spares each release's collection the objects of the imports.
+# eight tries). gc.freeze() spares each release's collection the objects of the imports.
 RETURNING_RANK = textwrap.dedent(
     """
     import gc, sys
