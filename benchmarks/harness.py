@@ -434,16 +434,17 @@ def build_diffusion_run(
     seed: int,
     drop_labels_in_loop: bool = False,
     vae=None,
+    adam_beta2: float = RECIPE.adam_beta2,
     **schedule,
 ) -> DiffusionRun:
-    """A `DiffusionRun` with the recipe's optimiser (AdamW), EMA and batch size; `schedule` may set its
-    `learning_rate`, `lr_warmup_steps` and `lr_scheduler`. Runs built with the same seed see the same batches in the
-    same order and the same noise draws."""
+    """A `DiffusionRun` with the recipe's optimiser (AdamW; a probe may change its `adam_beta2`), EMA and batch
+    size; `schedule` may set its `learning_rate`, `lr_warmup_steps` and `lr_scheduler`. Runs built with the same seed
+    see the same batches in the same order and the same noise draws."""
     model.train()
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=RECIPE.learning_rate,
-        betas=(RECIPE.adam_beta1, RECIPE.adam_beta2),
+        betas=(RECIPE.adam_beta1, adam_beta2),
         weight_decay=RECIPE.adam_weight_decay,
         eps=RECIPE.adam_epsilon,
     )

@@ -27,6 +27,13 @@ def tiny_dit(num_layers=2, heads=2, head_dim=8):
     ).train()
 
 
+def tiny_dit_run(name="probe", **schedule):
+    """A timed run of `tiny_dit()` on 8 px digits, the recipe's objective and seed 0; `schedule` as harness takes it."""
+    return harness.build_diffusion_run(
+        name, tiny_dit(), build_noise_scheduler(), "epsilon", harness.digits_train_dataset(8), 0, **schedule
+    )
+
+
 def test_train_step_flops_counts_the_dit_attention_that_flop_counter_mode_misses_on_cpu():
     model, scheduler = tiny_dit(), build_noise_scheduler()
     images, labels = torch.randn(4, 1, 8, 8), torch.arange(4)
@@ -121,16 +128,7 @@ def test_every_probe_changes_only_what_its_name_says():
     assert probe["DiT patch 1"][1]["patch_size"] == 1 and probe["DiT deep"][1]["num_layers"] == 12
     # the learning rate reaches the optimiser through the run's schedule: warm-up step 1 of 500, cosine at 0
     torch.manual_seed(0)
-    run = harness.build_diffusion_run(
-        "probe",
-        tiny_dit(),
-        build_noise_scheduler(),
-        "epsilon",
-        harness.digits_train_dataset(8),
-        0,
-        learning_rate=2e-3,
-        lr_warmup_steps=500,
-    )
+    run = tiny_dit_run(learning_rate=2e-3, lr_warmup_steps=500)
     run.train_step(0.0)
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 / 500)
 
@@ -143,30 +141,26 @@ def test_the_schedule_probe_keeps_the_peak_rate_where_the_recipe_decays_it():
     rates = {}
     for lr_scheduler in ["cosine", "constant_with_warmup"]:
         torch.manual_seed(0)
-        run = harness.build_diffusion_run(
-            lr_scheduler,
-            tiny_dit(),
-            build_noise_scheduler(),
-            "epsilon",
-            harness.digits_train_dataset(8),
-            0,
-            lr_warmup_steps=1,
-            lr_scheduler=lr_scheduler,
-        )
+        run = tiny_dit_run(lr_scheduler, lr_warmup_steps=1, lr_scheduler=lr_scheduler)
         run.train_step(0.75)
         rates[lr_scheduler] = run.optimizer.param_groups[0]["lr"]
     assert rates["cosine"] == pytest.approx(RECIPE.learning_rate * 0.5 * (1 + math.cos(0.75 * math.pi)))
     assert rates["constant_with_warmup"] == RECIPE.learning_rate
     with pytest.raises(ValueError, match="lr_scheduler 'linear': a timed run knows 'cosine' and"):
-        harness.build_diffusion_run(
-            "linear",
-            tiny_dit(),
-            build_noise_scheduler(),
-            "epsilon",
-            harness.digits_train_dataset(8),
-            0,
-            lr_scheduler="linear",
-        )
+        tiny_dit_run("linear", lr_scheduler="linear")
+
+
+def test_the_optimiser_probe_shortens_adams_second_moment_memory_and_nothing_else():
+    probe = bench_backbones.BACKBONES
+    for base in ["U-Net S", "DiT S"]:
+        family, shape, schedule = probe[f"{base}, beta2 0.99"]
+        assert (family, shape, schedule) == (*probe[base][:2], {"adam_beta2": 0.99})
+    betas = {}
+    for adam_beta2 in [RECIPE.adam_beta2, 0.99]:
+        run = tiny_dit_run(adam_beta2=adam_beta2)
+        run.train_step(0.0)
+        betas[adam_beta2] = run.optimizer.param_groups[0]["betas"]
+    assert betas == {RECIPE.adam_beta2: (RECIPE.adam_beta1, RECIPE.adam_beta2), 0.99: (RECIPE.adam_beta1, 0.99)}
 
 
 def cell(model, family, fd, fraction=1.0, steps=10, guidance=1.0, train_flops=1e12):
