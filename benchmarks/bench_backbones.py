@@ -78,8 +78,8 @@ UNET_S = {"block_out_channels": (16, 32, 32), "attention_head_dim": 16}
 DIT_S = {"num_attention_heads": 4}
 # ... and DiT S without the recipe's long skips (DiT's plain stack)
 DIT_S_PLAIN = {**DIT_S, "long_skip_connections": False}
-# name -> (family, shape overrides of the recipe's config, learning-rate overrides of the recipe); "M" is the
-# recipe's own model of that family
+# name -> (family, shape overrides of the recipe's config, optimiser overrides of the recipe: the learning rate, its
+# warm-up and schedule, AdamW's beta2); "M" is the recipe's own model of that family
 BACKBONES = {
     "U-Net S": ("U-Net", UNET_S, {}),
     "U-Net M": ("U-Net", {}, {}),
@@ -264,11 +264,11 @@ def build_runs(args: argparse.Namespace, noise_scheduler) -> list[BackboneRun]:
     dataset = harness.digits_train_dataset(RESOLUTION)
     runs = []
     for name in args.backbones:
-        family, shape, schedule = BACKBONES[name]
+        family, shape, optimiser = BACKBONES[name]
         torch.manual_seed(args.seed)
         model = FAMILY_BUILDERS[family](RESOLUTION, **shape)
         run = harness.build_diffusion_run(
-            name, model, noise_scheduler, RECIPE.prediction_type, dataset, args.seed, **schedule
+            name, model, noise_scheduler, RECIPE.prediction_type, dataset, args.seed, **optimiser
         )
         batch = next(iter(run.dataloader))
         runs.append(
