@@ -93,6 +93,8 @@ COLLAPSE_SHARE = 0.05
 COLLAPSED_CLASSES = 2
 UNCONDITIONAL_FLOOR = "real train digits, random draw (unconditional floor)"
 CONDITIONAL_FLOOR = "real train digits (floor)"
+# the verdict of a claim that is read against the other families, in a run of one family
+ALONE = "n/a (one family measured; this claim is read against the others)"
 VAE_SCRIPT = harness.REPO_ROOT / "training_scripts" / "train_vae.py"
 DISTILL_SCRIPT = harness.REPO_ROOT / "training_scripts" / "distill_sculpt.py"
 STUDENT_STEPS = (1, 4)
@@ -582,6 +584,9 @@ def verdicts(summary: dict, calibration: dict) -> dict[str, dict[str, tuple[str,
     cells = {trait: {} for trait in SEED_CLAIMS}
     scores = {family: quality(entry, calibration) for family, (_, entry) in present.items()}
     recalls = {family: entry[scores[family]["kind"]]["recall"] for family, (_, entry) in present.items()}
+    # quality, diversity (but the VAE's), stability and diffusion's speed are read against the other families: a run
+    # of one family (`--families dit`) has nothing to read them against
+    alone = len(present) < 2
     for family, (name, entry) in present.items():
         score = scores[family]
         # every trait on the quality footing: the sample set the row was built to draw
@@ -600,7 +605,7 @@ def verdicts(summary: dict, calibration: dict) -> dict[str, dict[str, tuple[str,
             holds = high and (family != "GAN" or sharp >= 0.9)
         else:
             holds = not near_best and sharp < 0.9
-        cells["quality"][family] = (cell + f" [{name}]", "holds" if holds else "does not hold")
+        cells["quality"][family] = (cell + f" [{name}]", ALONE if alone else "holds" if holds else "does not hold")
         # diversity: GAN poor = lowest recall or any collapse; VAE good; diffusion excellent = highest recall
         collapse = un["mode_collapse"]
         cell = f"recall {fmt(un['recall'], 3)}, coverage {fmt(un['class_coverage'])}, collapse {fmt(collapse)}"
@@ -610,12 +615,15 @@ def verdicts(summary: dict, calibration: dict) -> dict[str, dict[str, tuple[str,
             holds = un["recall"] >= floor["recall"] - 0.2 and collapse == 0
         else:
             holds = recalls[family] == max(recalls.values()) and collapse == 0
-        cells["diversity"][family] = (cell, "holds" if holds else "does not hold")
+        compared = alone and family != "VAE"
+        cells["diversity"][family] = (cell, ALONE if compared else "holds" if holds else "does not hold")
         # stability: over seeds, on the quality footing
         failures = entry["diverged"] + entry["collapsed"]
         cell = f"FD {fmt(score['fd'])} +- {fmt(score['fd_std'])} over {entry['seeds']} seeds, {failures} failed"
         if entry["seeds"] < 2:
             verdict = "not measured (1 seed)"
+        elif alone:
+            verdict = ALONE
         else:
             spreads = {f: other["fd_std"] / max(other["fd"], 1e-9) for f, other in scores.items()}
             unstable = failures > 0 or spreads[family] == max(spreads.values())
@@ -636,7 +644,8 @@ def verdicts(summary: dict, calibration: dict) -> dict[str, dict[str, tuple[str,
             holds = bool(many) and bool(one_step) and max(e["images_per_second"] for e in many) < min(one_step)
         else:
             holds = all(entry["calls"] == 1 for _, entry in rows)
-        cells["speed"][family] = (cell, "holds" if holds else "does not hold")
+        compared = family == "diffusion" and not one_step
+        cells["speed"][family] = (cell, ALONE if compared else "holds" if holds else "does not hold")
     return cells
 
 

@@ -210,3 +210,21 @@ def test_harness_trains_a_gan_and_a_diffusion_model_interleaved_on_their_own_clo
     samples, calls = harness.sample_digits(model, run.noise_scheduler, 2, seed=0, batch_size=3)
     assert samples.shape == (3, 1, 16, 16) and calls == 2
     assert samples.min() >= -1 and samples.max() <= 1
+
+
+def test_a_run_of_one_family_leaves_the_comparative_verdicts_open():
+    """`--families dit` measures the DiT row alone: "the best quality", "the highest recall", "the largest spread" and
+    "slower than every one-step row" have nothing to be read against, and must not come out as "does not hold"."""
+    results = [entry for entry in seed_like_results() if entry["family"] == "diffusion"]
+    cells = bench_families.verdicts(bench_families.summarize(results, CALIBRATION), CALIBRATION)
+    assert {trait: cells[trait]["diffusion"][1] for trait in cells} == {
+        "quality": bench_families.ALONE,
+        "diversity": bench_families.ALONE,
+        "stability": bench_families.ALONE,
+        "speed": bench_families.ALONE,
+    }
+    # the VAE's diversity ("good": recall near real digits', nothing collapsed) and one-step speed need no other family
+    results = [entry for entry in seed_like_results() if entry["family"] == "VAE"]
+    cells = bench_families.verdicts(bench_families.summarize(results, CALIBRATION), CALIBRATION)
+    assert (cells["quality"]["VAE"][1], cells["stability"]["VAE"][1]) == (bench_families.ALONE, bench_families.ALONE)
+    assert (cells["diversity"]["VAE"][1], cells["speed"]["VAE"][1]) == ("holds", "holds")
