@@ -21,6 +21,9 @@ import pytest
 
 # seconds the processes of a timed-out run get to print their stacks before they are killed
 STACK_DUMP_SECONDS = 10
+# seconds a tiny training launch may take: the slowest takes about 15 s alone on one core (`--durations`), so this is
+# 16x that, and a hung launch costs the suite 4 minutes, not 10 (the suite takes about 7 of its 15)
+LAUNCH_TIMEOUT = 240
 # how faulthandler starts a report, and a thread's stack in it (innermost frame first)
 REPORT_HEADER = "Fatal Python error: Aborted"
 THREAD = re.compile(r"^(Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):\n((?:  .*\n)*)", re.MULTILINE)

@@ -81,7 +81,7 @@ def train(launcher: list[str], env: dict, output_dir: Path, *args: str) -> subpr
         [*launcher, str(SCRIPT), *TINY_RUN, "--output_dir", str(output_dir), *args],
         env=env,
         cwd=REPO_ROOT,
-        timeout=300,
+        timeout=launching.LAUNCH_TIMEOUT,
     )
 
 

@@ -51,7 +51,7 @@ def train_two_processes(env: dict, output_dir: Path, *args: str) -> subprocess.C
         [*TWO_PROCESSES, str(SCRIPT), *TINY_DIT_RUN, "--output_dir", str(output_dir), *args],
         env={**env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
         cwd=REPO_ROOT,
-        timeout=300,
+        timeout=launching.LAUNCH_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-5000:]
     assert "Distributed environment: DistributedType.MULTI_CPU" in result.stderr

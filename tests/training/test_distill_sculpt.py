@@ -67,7 +67,9 @@ def test_accelerate_launch_distils_a_saved_teacher_into_an_lcm_pipeline(tmp_path
     args = ["--teacher", teacher, "--output_dir", str(output_dir), "--max_train_steps", "4"]
     args += ["--checkpointing_steps", "2", *TINY_DISTILL]
     env = {name: value for name, value in os.environ.items() if not name.startswith("ACCELERATE_")}
-    result = launching.run(launch + args, env={**env, "OMP_NUM_THREADS": "1"}, cwd=REPO_ROOT, timeout=600)
+    result = launching.run(
+        launch + args, env={**env, "OMP_NUM_THREADS": "1"}, cwd=REPO_ROOT, timeout=launching.LAUNCH_TIMEOUT
+    )
     assert result.returncode == 0, result.stderr[-5000:]
 
     for name in ("model_index.json", "README.md", "sample_grid.png", "training_args.json", "pipeline_sculpt.py"):

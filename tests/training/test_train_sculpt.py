@@ -90,7 +90,7 @@ def train(
         launch_command(output_dir, *args, num_processes=num_processes, model=model),
         env=env,
         cwd=REPO_ROOT,
-        timeout=600,
+        timeout=launching.LAUNCH_TIMEOUT,
     )
     if check:
         assert result.returncode == 0, result.stderr[-5000:]

@@ -39,7 +39,9 @@ def train_vae(output_dir: Path, *args: str, check: bool = True, num_processes: i
         env["ACCELERATE_USE_CPU"] = "1"
         command += ["--multi_gpu", "--main_process_port", "0"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *TINY_VAE]
-    result = launching.run([*command, "--output_dir", str(output_dir), *args], env=env, timeout=600)
+    result = launching.run(
+        [*command, "--output_dir", str(output_dir), *args], env=env, timeout=launching.LAUNCH_TIMEOUT
+    )
     if check:
         assert result.returncode == 0, result.stderr[-5000:]
     return result
