@@ -9,19 +9,20 @@
 Four class-conditional denoisers, two sizes per family (`DEFAULT_BACKBONES`): the recipe's U-Net and DiT
 (`sculptdiff.training.recipe`, what `train_sculpt.py --model_type unet|dit` builds) and a smaller one of each. All
 train in this process on the digits' train split with the same data order, noise draws, objective (the recipe's
-epsilon on its cosine schedule), batch, optimiser, learning-rate schedule, clipping, EMA and initialisation seed, for
-the same wall-clock budget each, *interleaved* one step each in turn so that load from other jobs falls on all alike.
-Each step is the package's training step (`sculptdiff.training.objective.diffusion_loss`, backward, clipping, AdamW,
-EMA). The recipe's cosine decay runs over `max_train_steps`, unknown under a time budget, so it runs over the
-fraction of the budget spent (as in bench_quality.py).
+epsilon on its cosine schedule, or `--prediction_type`'s), batch, optimiser, learning-rate schedule, clipping, EMA
+and initialisation seed, for the same wall-clock budget each, *interleaved* one step each in turn so that load from
+other jobs falls on all alike. Each step is the package's training step
+(`sculptdiff.training.objective.diffusion_loss`, backward, clipping, AdamW, EMA). The recipe's cosine decay runs over
+`max_train_steps`, unknown under a time budget, so it runs over the fraction of the budget spent (as in
+bench_quality.py).
 
 Measured, each from this one run:
 
 1. Quality: each final EMA model samples `--num_samples` images through SculptPipeline (`unet` or `transformer`) with
-   its main sampler (SculptScheduler, eta=0: DDIM) at every `--steps` count unguided, and at 10 steps with guidance
-   w=3; each set is scored by `sculptdiff.evaluation.digits.DigitsEvaluator` (FD, class accuracy, precision,
-   recall), read against its calibration rows (real digits: the floor and its noise band). Target: the best DiT's FD
-   at 10 steps within 1.25x of the best U-Net's.
+   its main sampler (SculptScheduler, eta=0: DDIM; for flow, SculptFlowScheduler's Euler) at every `--steps` count
+   unguided, and at 10 steps with guidance w=3; each set is scored by `sculptdiff.evaluation.digits.DigitsEvaluator`
+   (FD, class accuracy, precision, recall), read against its calibration rows (real digits: the floor and its noise
+   band). Target: the best DiT's FD at 10 steps within 1.25x of the best U-Net's.
 2. Scaling: the EMA weights are also kept at fractions of the budget (`--snapshots`) and scored at 10 steps, so
    each family gives FD against training FLOPs over two sizes and several training lengths. Training FLOPs = FLOPs
    of one training step (one forward and backward of the loss at the training batch, counted by
@@ -60,6 +61,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from sculptdiff.evaluation.digits import DigitsEvaluator
 from sculptdiff.schedulers.scheduling_sculpt import SculptScheduler
+from sculptdiff.schedulers.scheduling_sculpt_flow import SculptFlowScheduler
 from sculptdiff.training.objective import diffusion_loss
 from sculptdiff.training.recipe import RECIPE, build_noise_scheduler
 
@@ -152,6 +154,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         help="The models to train (`BACKBONES`); the default is the four of the comparison, the others probe the DiT.",
     )
     parser.add_argument(
+        "--prediction_type",
+        type=str,
+        default=RECIPE.prediction_type,
+        choices=["epsilon", "v_prediction", "sample", "flow"],
+        help=(
+            "The objective of every model (the recipe's by default). `flow` trains rectified flow (a DiT trained so is"
+            " SiT) and samples with SculptFlowScheduler's Euler solver; the others sample with DDIM."
+        ),
+    )
+    parser.add_argument(
         "--combine",
         type=str,
         nargs="+",
@@ -199,11 +211,17 @@ CPU_ATTENTION_FLOPS = {
 }
 
 
-def train_step_flops(model: torch.nn.Module, noise_scheduler, images: torch.Tensor, class_labels: torch.Tensor) -> int:
+def train_step_flops(
+    model: torch.nn.Module,
+    noise_scheduler,
+    images: torch.Tensor,
+    class_labels: torch.Tensor,
+    objective: str = RECIPE.prediction_type,
+) -> int:
     """FLOPs of one training step's forward and backward on this batch, as `FlopCounterMode` counts them (matrix
     multiplications, convolutions and attention; element-wise work is not counted). Leaves no gradients behind."""
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
-        diffusion_loss(model, noise_scheduler, images, RECIPE.prediction_type, class_labels=class_labels).backward()
+        diffusion_loss(model, noise_scheduler, images, objective, class_labels=class_labels).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -266,16 +284,19 @@ def build_runs(args: argparse.Namespace, noise_scheduler) -> list[BackboneRun]:
     for name in args.backbones:
         family, shape, optimiser = BACKBONES[name]
         torch.manual_seed(args.seed)
-        model = FAMILY_BUILDERS[family](RESOLUTION, **shape)
+        model = FAMILY_BUILDERS[family](RESOLUTION, prediction_type=args.prediction_type, **shape)
         run = harness.build_diffusion_run(
-            name, model, noise_scheduler, RECIPE.prediction_type, dataset, args.seed, **optimiser
+            name, model, noise_scheduler, args.prediction_type, dataset, args.seed, **optimiser
         )
         batch = next(iter(run.dataloader))
+        flops_per_step = train_step_flops(
+            model, noise_scheduler, batch["pixel_values"], batch["class_labels"], args.prediction_type
+        )
         runs.append(
             BackboneRun(
                 **{column.name: getattr(run, column.name) for column in fields(run)},
                 family=family,
-                flops_per_step=train_step_flops(model, noise_scheduler, batch["pixel_values"], batch["class_labels"]),
+                flops_per_step=flops_per_step,
                 snapshot_fractions=tuple(args.snapshots),
             )
         )
@@ -298,13 +319,21 @@ def time_forward_backward(runs: list[BackboneRun], noise_scheduler, args: argpar
                     run.model,
                     noise_scheduler,
                     batch["pixel_values"],
-                    RECIPE.prediction_type,
+                    args.prediction_type,
                     class_labels=batch["class_labels"],
                 )
                 loss.backward()
             seconds.setdefault(run.name, []).append(seconds_since(start, args.efficiency_steps))
             run.model.zero_grad(set_to_none=True)
     return {name: medians(times) for name, times in seconds.items()}, peaks
+
+
+def main_sampler(noise_scheduler) -> SculptScheduler | SculptFlowScheduler:
+    """The sampler the models are scored with, from the training's noise schedule: Euler on the straight paths of
+    rectified flow, DDIM (SculptScheduler, eta=0) for the DDPM family."""
+    if isinstance(noise_scheduler, SculptFlowScheduler):
+        return SculptFlowScheduler.from_config(noise_scheduler.config, solver="euler")
+    return SculptScheduler.from_config(noise_scheduler.config, eta=0.0)
 
 
 def medians(measurements: list[dict[str, float]]) -> dict[str, float]:
@@ -400,6 +429,11 @@ class Report:
 
     def markdown(self) -> str:
         data, args = self.data, self.args
+        objective, sampler = (
+            ("rectified flow (the velocity objective)", "SculptFlowScheduler, Euler")
+            if args.prediction_type == "flow"
+            else (f"the {args.prediction_type} objective on the recipe's cosine betas", "SculptScheduler eta=0 (DDIM)")
+        )
         lines = [
             f"# DiT vs U-Net on the digits ({data['date']})",
             "",
@@ -408,13 +442,13 @@ class Report:
             *harness.header_lines(data["command"], data["machine"], data["load"]),
             f"- Data: sklearn digits at {RESOLUTION} px, train split (70%) for the models; metrics against the held-out"
             " 30% (`sculptdiff.evaluation.digits`)",
-            f"- Training: {args.train_minutes:g} min per model, interleaved; the recipe's epsilon objective, cosine"
-            f" betas, batch {RECIPE.train_batch_size}, AdamW lr {RECIPE.learning_rate:g} (the table's peak lr where a"
+            f"- Training: {args.train_minutes:g} min per model, interleaved; {objective}, batch"
+            f" {RECIPE.train_batch_size}, AdamW lr {RECIPE.learning_rate:g} (the table's peak lr where a"
             f" model changes it; {RECIPE.lr_warmup_steps} warm-up steps, cosine decay over the budget unless the model's"
             f" name says constant lr), clipping"
             f" {RECIPE.max_grad_norm:g}, EMA"
             f" {RECIPE.ema_decay} (power {RECIPE.ema_power:g}), label dropout {RECIPE.conditioning_dropout_prob:g}",
-            f"- Sampling: SculptScheduler eta=0 (DDIM) from the recipe's schedule, {args.num_samples} images per set"
+            f"- Sampling: {sampler}, {args.num_samples} images per set"
             " (class i % 10 for image i, the same starting noise for every set)",
         ]
         if data["models"]:
@@ -586,7 +620,18 @@ def scoring_plan(args: argparse.Namespace, runs: list[BackboneRun]) -> list[tupl
 
 
 # the arguments of runs that are combined must agree on: one command, up to --seed and where it wrote
-COMBINED_ARGS = ("backbones", "train_minutes", "num_samples", "steps", "snapshots", "threads", "quick")
+COMBINED_ARGS = (
+    "backbones",
+    "train_minutes",
+    "num_samples",
+    "steps",
+    "snapshots",
+    "threads",
+    "quick",
+    "prediction_type",
+)
+# what results files written before an argument existed ran with
+OLDER_ARGS = {"prediction_type": "epsilon"}
 
 
 def load_repeats(paths: list[str]) -> list[dict]:
@@ -602,7 +647,11 @@ def load_repeats(paths: list[str]) -> list[dict]:
             raise ValueError(
                 f"{path} is a run that did not finish (status {data['status']!r}): combine complete runs only."
             )
-        differ = [name for name in COMBINED_ARGS if data["args"][name] != repeats[0]["args"][name]]
+        differ = [
+            name
+            for name in COMBINED_ARGS
+            if {**OLDER_ARGS, **data["args"]}[name] != {**OLDER_ARGS, **repeats[0]["args"]}[name]
+        ]
         if differ:
             raise ValueError(
                 f"{path} differs from {paths[0]} in {', '.join(f'--{name}' for name in differ)}: combine runs of one"
@@ -752,7 +801,7 @@ def main(args: argparse.Namespace):
     log(f"real digits score FD {floor['fd']:.2f} +- {floor['fd_std']:.2f} at N={args.num_samples}")
 
     # 2. the models, their FLOPs per training step, and the efficiency of their training steps
-    noise_scheduler = build_noise_scheduler()
+    noise_scheduler = build_noise_scheduler(prediction_type=args.prediction_type)
     runs = build_runs(args, noise_scheduler)
     for run in runs:
         report.data["models"][run.name] = {
@@ -804,7 +853,7 @@ def main(args: argparse.Namespace):
         log(line)
 
     # 4. sample and score, the target's cells first; the results are rewritten after every set
-    sampler = SculptScheduler.from_config(noise_scheduler.config, eta=0.0)
+    sampler = main_sampler(noise_scheduler)
     class_labels = torch.arange(args.num_samples) % NUM_CLASSES
     for run, fraction, steps, guidance in scoring_plan(args, runs):
         steps_trained, weights = (run.steps, final_weights[run.name])

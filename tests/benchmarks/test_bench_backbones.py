@@ -308,6 +308,7 @@ def test_combine_leaves_out_a_set_that_not_every_run_scored(tmp_path):
         ("other budget", "differs from .*seed0.json in --train_minutes: combine runs of one command"),
         ("same seed", "repeat a seed \\(\\[0, 0\\]\\)"),
         ("corrupt", "is not a results file of bench_backbones.py \\(invalid JSON"),
+        ("other objective", "differs from .*seed0.json in --prediction_type: combine runs of one command"),
     ],
 )
 def test_combine_refuses_runs_that_are_not_one_command_at_distinct_seeds(tmp_path, problem, message):
@@ -324,6 +325,8 @@ def test_combine_refuses_runs_that_are_not_one_command_at_distinct_seeds(tmp_pat
         second = results_file(tmp_path, 1, fds, "--train_minutes", "20")
     if problem == "corrupt":
         Path(second).write_text(Path(second).read_text()[:100])
+    if problem == "other objective":
+        second = results_file(tmp_path, 1, fds, "--prediction_type", "flow")
     with pytest.raises(ValueError, match=message):
         bench_backbones.load_repeats([first, second])
 
@@ -331,3 +334,38 @@ def test_combine_refuses_runs_that_are_not_one_command_at_distinct_seeds(tmp_pat
 def test_combine_needs_two_results_files():
     with pytest.raises(ValueError, match="--combine needs the results of at least 2 seeds"):
         bench_backbones.parse_args(["--combine", "one.json"])
+
+
+def test_results_written_before_the_objective_flag_combine_with_epsilon_runs(tmp_path):
+    fds = {"U-Net S": 8.0, "DiT S": 10.0}
+    older = results_file(tmp_path, 0, fds)
+    data = json.loads(Path(older).read_text())
+    del data["args"]["prediction_type"]
+    Path(older).write_text(json.dumps(data))
+    assert len(bench_backbones.load_repeats([older, results_file(tmp_path, 1, fds)])) == 2
+    with pytest.raises(ValueError, match="in --prediction_type"):
+        bench_backbones.load_repeats([older, results_file(tmp_path, 2, fds, "--prediction_type", "flow")])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "flow"])
+def test_the_objective_flag_sets_every_models_objective_schedule_and_sampler(tmp_path, prediction_type):
+    args = bench_backbones.parse_args(
+        ["--backbones", "U-Net S", "DiT S", "--prediction_type", prediction_type, "--output_dir", str(tmp_path)]
+    )
+    noise_scheduler = build_noise_scheduler(prediction_type=args.prediction_type)
+    runs = bench_backbones.build_runs(args, noise_scheduler)
+    assert [(run.objective, run.model.config.prediction_type) for run in runs] == [(prediction_type,) * 2] * 2
+    assert all(run.noise_scheduler is noise_scheduler for run in runs)
+    sampler = bench_backbones.main_sampler(noise_scheduler)
+    if prediction_type == "flow":
+        assert (type(sampler).__name__, sampler.config.solver) == ("SculptFlowScheduler", "euler")
+    else:
+        assert (type(sampler).__name__, sampler.config.eta) == ("SculptScheduler", 0.0)
+    report = bench_backbones.Report(args)
+    markdown = report.markdown()
+    if prediction_type == "flow":
+        assert "interleaved; rectified flow (the velocity objective)" in markdown
+        assert "- Sampling: SculptFlowScheduler, Euler, 500 images per set" in markdown
+    else:
+        assert "interleaved; the epsilon objective on the recipe's cosine betas" in markdown
+        assert "- Sampling: SculptScheduler eta=0 (DDIM), 500 images per set" in markdown
