@@ -336,6 +336,13 @@ def main_sampler(noise_scheduler) -> SculptScheduler | SculptFlowScheduler:
     return SculptScheduler.from_config(noise_scheduler.config, eta=0.0)
 
 
+def describe_objective(prediction_type: str) -> tuple[str, str]:
+    """What the results say the models trained on and were sampled with (`main_sampler`)."""
+    if prediction_type == "flow":
+        return "rectified flow (the velocity objective)", "SculptFlowScheduler, Euler"
+    return f"the {prediction_type} objective on the recipe's cosine betas", "SculptScheduler eta=0 (DDIM)"
+
+
 def medians(measurements: list[dict[str, float]]) -> dict[str, float]:
     return {clock: statistics.median(measurement[clock] for measurement in measurements) for clock in measurements[0]}
 
@@ -429,11 +436,7 @@ class Report:
 
     def markdown(self) -> str:
         data, args = self.data, self.args
-        objective, sampler = (
-            ("rectified flow (the velocity objective)", "SculptFlowScheduler, Euler")
-            if args.prediction_type == "flow"
-            else (f"the {args.prediction_type} objective on the recipe's cosine betas", "SculptScheduler eta=0 (DDIM)")
-        )
+        objective, sampler = describe_objective(args.prediction_type)
         lines = [
             f"# DiT vs U-Net on the digits ({data['date']})",
             "",
@@ -594,7 +597,7 @@ class Report:
         by_steps.minorticks_off()
         by_steps.set_xticks(self.args.steps)
         by_steps.set_xticklabels([str(steps) for steps in self.args.steps])
-        by_steps.set_xlabel("sampling steps (SculptScheduler eta=0), w=1")
+        by_steps.set_xlabel(f"sampling steps ({describe_objective(self.args.prediction_type)[1]}), w=1")
         by_steps.set_title("final models: FD against sampling steps")
         by_flops.set_xlabel("training FLOPs (counted forward + backward x steps)")
         by_flops.set_title(f"FD at {TARGET_STEPS} steps against training compute")

@@ -158,8 +158,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         choices=list(COMPONENTS),
         help=(
             "The denoising network: `unet` (SculptUNet2DModel, the default for a new model) or `dit` (SculptDiT2DModel,"
-            " a Diffusion Transformer, Peebles & Xie 2022; with --prediction_type flow it is SiT, Ma et al. 2024),"
-            " saved as the pipeline's `transformer`. Fine-tuning defaults to the backbone of"
+            " a Diffusion Transformer, Peebles & Xie 2022; with --prediction_type flow it is SiT, Ma et al. 2024, which"
+            " on the digits matches the U-Net at equal time where epsilon trails it), saved as the pipeline's"
+            " `transformer`. Fine-tuning defaults to the backbone of"
             " --pretrained_model_name_or_path and refuses another."
         ),
     )
