@@ -642,19 +642,17 @@ def load_repeats(paths: list[str]) -> list[dict]:
     repeats = []
     for path in paths:
         try:
-            repeats.append(json.loads(Path(path).read_text(encoding="utf-8")))
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not a results file of bench_backbones.py (invalid JSON: {error}).") from error
+        data["args"] = {**OLDER_ARGS, **data["args"]}
+        repeats.append(data)
     for path, data in zip(paths, repeats):
         if not data["status"].startswith("complete"):
             raise ValueError(
                 f"{path} is a run that did not finish (status {data['status']!r}): combine complete runs only."
             )
-        differ = [
-            name
-            for name in COMBINED_ARGS
-            if {**OLDER_ARGS, **data["args"]}[name] != {**OLDER_ARGS, **repeats[0]["args"]}[name]
-        ]
+        differ = [name for name in COMBINED_ARGS if data["args"][name] != repeats[0]["args"][name]]
         if differ:
             raise ValueError(
                 f"{path} differs from {paths[0]} in {', '.join(f'--{name}' for name in differ)}: combine runs of one"
